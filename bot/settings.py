@@ -1,0 +1,223 @@
+"""Process settings (environment, `CODELOOP_` prefix) and per-repository config (`.codeloop.yml`).
+
+One `Settings` object is built at each entry point and passed down; nothing here reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".codeloop"
+
+
+def _default_model_cache() -> Path:
+    return Path.home() / ".cache" / "codeloop" / "models"
+
+
+class StoreSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy database URL. Default: a SQLite file in the home directory. "
+        "PostgreSQL: postgresql+psycopg://user@host:5432/db",
+    )
+
+
+class QueueSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="huey storage: empty for a SQLite file in the home directory, or redis://host:6379/0",
+    )
+    workers: int = Field(default=1, ge=1, description="Jobs a worker runs at once.")
+    lease_seconds: int = Field(
+        default=120,
+        ge=5,
+        description="How long a job's claim lasts without a heartbeat before another worker may "
+        "resume it (a worker killed mid-job is resumed after this).",
+    )
+
+
+class BackendSettings(BaseModel):
+    kind: Literal["transformers", "openai"] = Field(
+        default="transformers",
+        description="transformers: the embedded CPU model. openai: vLLM or any OpenAI-compatible server.",
+    )
+    model: str = Field(
+        default="smollm2-135m-instruct",
+        description="Model name: the embedded model's name, or the served model / LoRA adapter name.",
+    )
+    base_url: str = Field(
+        default="http://127.0.0.1:8000/v1", description="OpenAI-compatible server URL (kind=openai)."
+    )
+    api_key: SecretStr = Field(
+        default=SecretStr("EMPTY"), description="API key for the OpenAI-compatible server."
+    )
+    timeout_seconds: float = Field(default=600.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(default=4, ge=0, description="Retries on 429/5xx and connection errors.")
+    max_new_tokens: int = Field(default=384, ge=1, description="Most tokens one generation may produce.")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature (0 = greedy).")
+    context_tokens: int = Field(
+        default=2048, ge=256, description="Model context window in tokens (prompt + answer)."
+    )
+    supports_prefill: bool = Field(
+        default=True,
+        description="Whether the server continues a final assistant message (vLLM does: "
+        "continue_final_message). Used to start whole-file answers for small models.",
+    )
+
+
+class EmbeddedSettings(BaseModel):
+    cache_dir: Path = Field(
+        default_factory=_default_model_cache,
+        description="Where the embedded model's GGUF file is converted to safetensors once.",
+    )
+    threads: int = Field(default=0, ge=0, description="torch CPU threads (0 = torch's default).")
+    adapter_path: Path | None = Field(
+        default=None, description="A PEFT LoRA adapter directory to load on top of the base model."
+    )
+
+
+class PipelineSettings(BaseModel):
+    max_attempts: int = Field(
+        default=3, ge=1, description="Generations per job: the first plus retries with the errors."
+    )
+    max_requirement_bytes: int = Field(
+        default=100_000, ge=100, description="Longer requirements are truncated, with a note."
+    )
+    context_files: int = Field(default=6, ge=1, description="Most files put in the prompt.")
+
+
+class SandboxSettings(BaseModel):
+    timeout_seconds: float = Field(default=300.0, gt=0, description="Test command time limit.")
+    memory_mb: int = Field(default=2048, ge=64, description="Address-space limit for the tests.")
+    network: Literal["isolate", "allow"] = Field(
+        default="isolate",
+        description="isolate: run tests in a new network namespace (bubblewrap or unshare); "
+        "if neither works a warning is logged and tests run with the host network.",
+    )
+    ruff: bool = Field(default=True, description="Run `ruff check` on changed Python files.")
+
+
+class Settings(BaseSettings):
+    """Root settings object: CODELOOP_ prefix, `__` between nested names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CODELOOP_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    home: Path = Field(
+        default_factory=_default_home,
+        description="Data directory: database, queue, workspaces, index cache.",
+    )
+    log_level: str = Field(default="INFO", description="Logging level.")
+    store: StoreSettings = Field(default_factory=StoreSettings, description="Database.")
+    queue: QueueSettings = Field(default_factory=QueueSettings, description="Job queue.")
+    backend: BackendSettings = Field(default_factory=BackendSettings, description="Model backend.")
+    embedded: EmbeddedSettings = Field(
+        default_factory=EmbeddedSettings, description="Embedded CPU model."
+    )
+    pipeline: PipelineSettings = Field(
+        default_factory=PipelineSettings, description="Generation pipeline."
+    )
+    sandbox: SandboxSettings = Field(
+        default_factory=SandboxSettings, description="Test sandbox."
+    )
+
+    @property
+    def database_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.home / 'codeloop.db'}"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.home / "workspaces"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.home / "index"
+
+    def secret_values(self) -> list[str]:
+        """Every secret value configured, for scrubbing logs and sandbox environments."""
+        out = []
+        for section in (self.backend,):
+            for name in type(section).model_fields:
+                value = getattr(section, name)
+                if isinstance(value, SecretStr):
+                    raw = value.get_secret_value()
+                    if raw and raw != "EMPTY":
+                        out.append(raw)
+        return out
+
+
+DEFAULT_PROTECTED = [".github/workflows/**", ".env*", "**/.env*", "*.pem", "**/*.pem", "*.key", "**/*.key"]
+
+
+class RepoConfig(BaseModel):
+    """`.codeloop.yml` in the target repository. Unknown keys are an error (typos are common)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trigger_label: str = Field(default="codeloop", description="Issue label that starts a job.")
+    base_branch: str | None = Field(
+        default=None, description="Branch pull requests target (default: the repository's HEAD)."
+    )
+    allowed_paths: list[str] = Field(
+        default_factory=lambda: ["**"], description="Globs the bot may edit."
+    )
+    protected_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROTECTED), description="Globs the bot never edits."
+    )
+    test_command: str | None = Field(
+        default=None, description="Shell command that runs the tests, e.g. `python -m pytest -q`."
+    )
+    edit_format: Literal["whole", "search_replace"] | None = Field(
+        default=None, description="Edit format; default chosen per model (whole for small models)."
+    )
+    model: str | None = Field(default=None, description="Model or adapter name for this repository.")
+    max_file_bytes: int = Field(default=200_000, ge=1, description="Largest file an edit may write.")
+    labels: list[str] = Field(default_factory=list, description="Labels put on pull requests.")
+
+    @field_validator("allowed_paths", "protected_paths")
+    @classmethod
+    def _globs_are_relative(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            if glob.startswith("/"):
+                raise ValueError(f"path globs are relative to the repository root: {glob!r}")
+        return value
+
+    def is_protected(self, path: str) -> bool:
+        return any(fnmatch.fnmatch(path, g) for g in self.protected_paths)
+
+    def is_allowed(self, path: str) -> bool:
+        return any(fnmatch.fnmatch(path, g) for g in self.allowed_paths)
+
+
+class RepoConfigError(ValueError):
+    """`.codeloop.yml` could not be read; the message says where and why."""
+
+
+def parse_repo_config(text: str | None) -> RepoConfig:
+    if text is None or not text.strip():
+        return RepoConfig()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RepoConfigError(f".codeloop.yml is not valid YAML: {exc}") from exc
+    if data is None:
+        return RepoConfig()
+    if not isinstance(data, dict):
+        raise RepoConfigError(".codeloop.yml must be a mapping of settings, e.g. `test_command: pytest`")
+    try:
+        return RepoConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise RepoConfigError(f".codeloop.yml: {problems}") from exc

@@ -1,0 +1,1 @@
+"""Generation: backends, repository context, prompts and edit formats."""

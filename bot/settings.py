@@ -93,6 +93,11 @@ class PipelineSettings(BaseModel):
         default=100_000, ge=100, description="Longer requirements are truncated, with a note."
     )
     context_files: int = Field(default=6, ge=1, description="Most files put in the prompt.")
+    prefill: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: with the whole-file format, start the answer with the most relevant "
+        "file's current content so small models continue it; off: never.",
+    )
 
 
 class SandboxSettings(BaseModel):

@@ -1,0 +1,303 @@
+"""`codeloop` command line: the terminal chat port and the local forge's review commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from bot import jobs
+from bot.forges import ForgeError
+from bot.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _print(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"codeloop: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.runtime import TerminalNotifier, build_queue, build_runtime, execute
+
+    requirement = args.requirement
+    if requirement == "-":
+        requirement = sys.stdin.read()
+    runtime = build_runtime(settings, notifier=TerminalNotifier())
+    try:
+        info = runtime.ports.forge.check_repository(args.repo)
+    except ForgeError as exc:
+        return _fail(str(exc))
+    try:
+        sub = jobs.submit(
+            runtime.store, source="cli", repo=info.repo, requirement=requirement,
+            max_bytes=settings.pipeline.max_requirement_bytes, requester=_user(),
+        )
+    except jobs.BadRequest as exc:
+        return _fail(str(exc))
+    with runtime.store.session() as s:
+        from bot.store.models import Job, Request
+
+        job = s.get(Job, sub.job_id)
+        truncated = s.get(Request, sub.request_id).truncated
+        state, result, error = job.state, dict(job.result), job.error
+    if truncated:
+        _print(f"note: the requirement was over {settings.pipeline.max_requirement_bytes:,} "
+               "bytes and was truncated")
+    if not sub.created:
+        _print(f"request #{sub.request_id} was made before (job {sub.job_id}, {state})")
+    if args.queue:
+        if state == "queued":
+            build_queue(settings, lambda: runtime).codeloop_run_job(sub.job_id)
+        _print(f"queued as job {sub.job_id}; a `codeloop worker` runs it")
+        return 0
+    if state in ("queued", "running"):
+        _print(f"job {sub.job_id}: {info.repo}")
+        outcome = execute(runtime, sub.job_id)
+        if outcome.state == "skipped":
+            _print(f"job {sub.job_id} is running in another process")
+            return 1
+        state, result, error = outcome.state, outcome.result, outcome.error
+    if state != "succeeded":
+        return _fail(f"job {sub.job_id} {state}: {error}", code=1)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: dict) -> None:
+    validation = result.get("validation", {})
+    _print()
+    _print(f"pull request #{result['number']}  branch {result['branch']}  "
+           f"(revision {result['revision']}, model {result['model']})")
+    _print(result.get("diff_stat", ""))
+    _print(f"validation: {'passed' if validation.get('ok') else 'failed'} — {validation.get('summary', '')}")
+
+
+def _user() -> str | None:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name is fine
+        return None
+
+
+def cmd_prs(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.db import Store
+    from bot.store.models import PullRequest
+
+    store = Store(settings.database_url)
+    with store.session() as s:
+        rows = s.scalars(select(PullRequest).order_by(PullRequest.id)).all()
+        if not rows:
+            _print("no pull requests yet: `codeloop run \"requirement\" --repo PATH` makes one")
+            return 0
+        _print(f"{'#':>4}  {'state':8} {'revs':>4}  {'branch':45} title")
+        for pr in rows:
+            _print(f"{pr.number or pr.id:>4}  {pr.state:8} {len(pr.revisions):>4}  {pr.branch:45} {pr.title}")
+    return 0
+
+
+def _get_pr(store, number: int):
+    from bot.store.models import PullRequest
+
+    with store.session() as s:
+        pr = s.scalar(select(PullRequest).where(PullRequest.number == number, PullRequest.forge == "local"))
+        return pr.id if pr else None
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.db import Store
+    from bot.store.models import PullRequest
+
+    store = Store(settings.database_url)
+    pr_id = _get_pr(store, args.number)
+    if pr_id is None:
+        return _fail(f"no pull request #{args.number} (see `codeloop prs`)")
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_id)
+        _print(f"#{pr.number} {pr.title}")
+        _print(f"state: {pr.state}   branch: {pr.branch} → {pr.base_branch}   repo: {pr.repo}")
+        _print(f"model: {pr.model_version}")
+        _print()
+        _print(pr.body)
+        _print()
+        for rev in pr.revisions:
+            _print(f"revision {rev.number} ({rev.trigger}) {rev.commit_sha[:12]}: "
+                   f"{rev.validation.get('summary', '')}")
+        if pr.signals:
+            _print("\nreview signals:")
+            for sig in pr.signals:
+                extra = f": {sig.body}" if sig.body else ""
+                _print(f"  {sig.created_at:%Y-%m-%d %H:%M} {sig.kind} by {sig.author}{extra}")
+        if args.diff and pr.revisions:
+            _print()
+            for rev in pr.revisions:
+                _print(rev.diff)
+    return 0
+
+
+def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.runtime import TerminalNotifier, build_runtime, execute
+    from feedback.signals import SignalError, record_local_review
+
+    runtime = build_runtime(settings, notifier=TerminalNotifier())
+    pr_id = _get_pr(runtime.store, args.number)
+    if pr_id is None:
+        return _fail(f"no pull request #{args.number} (see `codeloop prs`)")
+    if args.approve:
+        kind, body = "approved", args.comment
+    elif args.request_changes is not None:
+        kind, body = "changes_requested", args.request_changes
+    else:
+        kind, body = "commented", args.comment
+    try:
+        outcome = record_local_review(runtime.store, pr_id, kind=kind, body=body, author=_user())
+    except SignalError as exc:
+        return _fail(str(exc))
+    _print(f"recorded: {kind} on #{args.number}")
+    if outcome.revision_job_id is not None:
+        _print(f"revising #{args.number} (job {outcome.revision_job_id})")
+        result = execute(runtime, outcome.revision_job_id)
+        if result.state != "succeeded":
+            return _fail(f"revision job {result.job_id} {result.state}: {result.error}", code=1)
+        _print_result(result.result)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.runtime import build_runtime
+    from feedback.signals import SignalError, close_local, merge_local
+
+    runtime = build_runtime(settings)
+    pr_id = _get_pr(runtime.store, args.number)
+    if pr_id is None:
+        return _fail(f"no pull request #{args.number} (see `codeloop prs`)")
+    try:
+        if args.close:
+            close_local(runtime.store, pr_id, author=_user())
+            _print(f"closed #{args.number} without merging")
+        else:
+            sha = merge_local(runtime.store, runtime.ports.forge, pr_id, author=_user())
+            _print(f"merged #{args.number} as {sha[:12]}")
+    except (SignalError, ForgeError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from huey.consumer_options import ConsumerConfig  # noqa: F401 - huey's consumer
+
+    from bot.runtime import build_queue, build_runtime, recover
+
+    runtime = build_runtime(settings)
+    huey = build_queue(settings, lambda: runtime)
+    # Jobs whose worker died (on this host) resume at once; others when their lease ends.
+    recover(runtime, huey.codeloop_run_job)
+    consumer = huey.create_consumer(
+        workers=settings.queue.workers, worker_type="thread", periodic=True, check_worker_health=True
+    )
+    logging.getLogger("huey").setLevel(logging.WARNING)
+    consumer.run()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.demo import run_demo
+
+    return run_demo(Path(args.dir))
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.db import Store
+    from bot.store.models import EditFormatStat, Job
+
+    store = Store(settings.database_url)
+    with store.session() as s:
+        _print("jobs by state:")
+        for state, count in s.execute(select(Job.state, func.count()).group_by(Job.state)):
+            _print(f"  {state:10} {count}")
+        _print("edit formats (well-formed / malformed answers):")
+        for row in s.scalars(select(EditFormatStat)):
+            _print(f"  {row.model:30} {row.format:15} {row.well_formed} / {row.malformed}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="codeloop", description="Requirement in, pull request out.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="turn a requirement into a pull request on a local repository")
+    run.add_argument("requirement", help="what the change should do ('-' reads standard input)")
+    run.add_argument("--repo", default=".", help="the git repository (default: here)")
+    run.add_argument("--queue", action="store_true", help="enqueue for `codeloop worker` and return")
+    run.set_defaults(fn=cmd_run)
+
+    sub.add_parser("prs", help="list pull requests").set_defaults(fn=cmd_prs)
+
+    show = sub.add_parser("show", help="show a pull request")
+    show.add_argument("number", type=int)
+    show.add_argument("--diff", action="store_true", help="print each revision's diff")
+    show.set_defaults(fn=cmd_show)
+
+    review = sub.add_parser("review", help="review a pull request")
+    review.add_argument("number", type=int)
+    group = review.add_mutually_exclusive_group(required=True)
+    group.add_argument("--approve", action="store_true")
+    group.add_argument("--request-changes", metavar="COMMENT", help="the bot revises the same PR")
+    group.add_argument("--comment", metavar="COMMENT")
+    review.set_defaults(fn=cmd_review)
+
+    merge = sub.add_parser("merge", help="merge a pull request into its base branch")
+    merge.add_argument("number", type=int)
+    merge.add_argument("--close", action="store_true", help="close without merging instead")
+    merge.set_defaults(fn=cmd_merge)
+
+    sub.add_parser("worker", help="run queued jobs (huey consumer)").set_defaults(fn=cmd_worker)
+    sub.add_parser("stats", help="job states and edit-format well-formedness").set_defaults(fn=cmd_stats)
+
+    demo = sub.add_parser("demo", help="the whole loop on a sample repository, embedded model")
+    demo.add_argument("--dir", default="demo", help="where the sample repository and data go")
+    demo.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = _settings()
+    except Exception as exc:  # noqa: BLE001 - bad settings: one clear line
+        return _fail(f"invalid settings: {exc}")
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "httpx", "transformers", "huey"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in ("run", "review", "demo"):
+        logging.getLogger("bot").setLevel(logging.WARNING)
+    try:
+        return args.fn(args, settings)
+    except KeyboardInterrupt:
+        return _fail("interrupted; a queued job resumes with `codeloop worker`", code=130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""`codeloop demo`: the whole loop on a sample repository with the embedded model.
+
+sample repository → requirement → validated pull request → approve → merge → signals.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SAMPLE_FILES = {
+    "textutil.py": '''"""Small text helpers."""
+
+
+def slugify(text):
+    """Lower-case words joined by dashes."""
+    return "-".join(text.lower().split())
+
+
+def shout(text):
+    """Upper-case text with an exclamation mark."""
+    return text.upper() + "!"
+''',
+    "tests/test_textutil.py": '''from textutil import shout, slugify
+
+
+def test_slugify():
+    assert slugify("Hello Big World") == "hello-big-world"
+
+
+def test_shout():
+    assert shout("hi") == "HI!"
+''',
+    "README.md": "# textutil\n\nSmall text helpers.\n",
+    ".codeloop.yml": "test_command: python -m pytest -q\n",
+    ".gitignore": "__pycache__/\n",
+    "conftest.py": "",
+}
+
+DEMO_REQUIREMENT = (
+    "Add a function count_vowels(text) to textutil.py that returns how many vowels "
+    "(a, e, i, o, u) the text contains."
+)
+
+
+def make_sample_repo(path: Path, files: dict[str, str] | None = None) -> Path:
+    """A small git repository with a passing test suite (used by the demo and the tests)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or SAMPLE_FILES).items():
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    env_args = ["-c", "user.name=Demo User", "-c", "user.email=demo@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(["git", *env_args, "commit", "-q", "-m", "Initial commit"], cwd=path, check=True)
+    return path
+
+
+def _codeloop(home: Path, *args: str) -> int:
+    import os
+
+    env = {**os.environ, "CODELOOP_HOME": str(home)}
+    print(f"\n$ codeloop {' '.join(args)}", flush=True)
+    return subprocess.call([sys.executable, "-m", "bot.cli", *args], env=env)
+
+
+def run_demo(root: Path) -> int:
+    root = root.resolve()
+    shutil.rmtree(root, ignore_errors=True)
+    repo = make_sample_repo(root / "sample-repo")
+    home = root / "codeloop-home"
+    started = time.perf_counter()
+    print(f"codeloop demo: a sample repository at {repo} (2 passing tests)")
+    print(f"requirement: {DEMO_REQUIREMENT}")
+    if _codeloop(home, "run", DEMO_REQUIREMENT, "--repo", str(repo)) != 0:
+        print("\nthe demo's job failed; see the reason above", file=sys.stderr)
+        return 1
+    steps = [
+        ("show", "1", "--diff"),
+        ("review", "1", "--approve"),
+        ("merge", "1"),
+        ("show", "1"),
+    ]
+    for step in steps:
+        if _codeloop(home, *step) != 0:
+            return 1
+    log = subprocess.run(["git", "log", "--oneline", "-3"], cwd=repo, capture_output=True, text=True)
+    print("\n$ git log --oneline -3   (in the sample repository)")
+    print(log.stdout.rstrip())
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s. Where everything is:")
+    print(f"  sample repository  {repo}")
+    print(f"  database (SQLite)  {home / 'codeloop.db'}   (requests, jobs, PRs, revisions, signals)")
+    print(f"  job queue          {home / 'queue.db'}")
+    print(f"  workspaces         {home / 'workspaces'}")
+    print(f"  retrieval index    {home / 'index'}")
+    from bot.settings import Settings
+
+    print(f"  model cache        {Settings().embedded.cache_dir}")
+    return 0

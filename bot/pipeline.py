@@ -1,0 +1,530 @@
+"""The core: one job from requirement (or review feedback) to a validated pull request.
+
+The pipeline sees only typed values and ports. Every stage checkpoints its output in the
+store, so a job that is resumed after its worker died skips what was already done: a
+finished generation is never generated again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from bot import git, jobs, workspace
+from bot.forges import Forge, ForgeError, RepoInfo
+from bot.ports import (
+    Backend,
+    BackendError,
+    GenerationParams,
+    Notifier,
+    ValidationResult,
+)
+from bot.settings import RepoConfig, RepoConfigError, Settings, parse_repo_config
+from bot.store.db import Store
+from bot.store.models import (
+    EditFormatStat,
+    Job,
+    JobStage,
+    PullRequest,
+    Request,
+    Revision,
+    utcnow,
+)
+from bot.validate import validate
+from inference import context as ctx
+from inference.edits import EditRejected, apply_edits, default_format_for, describe_format, parse_edits
+from inference.prompts import ContextDoc, Prompt, build_prompt
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """The job cannot succeed; the message is meant for the requester."""
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class Ports:
+    settings: Settings
+    store: Store
+    forge: Forge
+    backend: Callable[[], Backend]  # loaded on first use: resumed jobs may never need it
+    notifier: Notifier
+
+
+# ---------------------------------------------------------------- stage checkpoints
+
+
+class Stages:
+    """Runs named stages once per job; a `done` row is the checkpoint a resume reads back."""
+
+    def __init__(self, store: Store, job_id: int, notifier: Notifier):
+        self.store = store
+        self.job_id = job_id
+        self.notifier = notifier
+
+    def done(self, name: str) -> dict | None:
+        with self.store.session() as s:
+            row = s.scalar(
+                select(JobStage).where(
+                    JobStage.job_id == self.job_id, JobStage.name == name, JobStage.state == "done"
+                )
+            )
+            return None if row is None else dict(row.output)
+
+    def run(
+        self,
+        name: str,
+        fn: Callable[[], dict],
+        detail: str = "",
+        on_done: Callable[[Session, dict], None] | None = None,
+    ) -> dict:
+        cached = self.done(name)
+        if cached is not None:
+            log.info("job %s: stage %s already done, reusing its result", self.job_id, name)
+            return cached
+        if jobs.is_cancelled(self.store, self.job_id):
+            raise JobCancelled()
+        self.notifier.stage(self.job_id, name, detail)
+        with self.store.session() as s:
+            row = JobStage(job_id=self.job_id, name=name, state="running")
+            s.add(row)
+            s.flush()
+            row_id = row.id
+        started = time.perf_counter()
+        try:
+            output = fn()
+        except BaseException as exc:
+            with self.store.session() as s:
+                row = s.get(JobStage, row_id)
+                row.state, row.error = "failed", str(exc)[:4000]
+                row.finished_at, row.seconds = utcnow(), time.perf_counter() - started
+            raise
+        with self.store.session() as s:
+            row = s.get(JobStage, row_id)
+            row.state, row.output = "done", output
+            row.finished_at, row.seconds = utcnow(), time.perf_counter() - started
+            if on_done is not None:
+                on_done(s, output)  # same transaction as the checkpoint: happens once
+        return output
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _record_format(model: str, fmt: str, well_formed: bool) -> Callable[[Session, dict], None]:
+    def record(s: Session, _output: dict) -> None:
+        stat = s.get(EditFormatStat, (model, fmt))
+        if stat is None:
+            stat = EditFormatStat(model=model, format=fmt, well_formed=0, malformed=0)
+            s.add(stat)
+        if well_formed:
+            stat.well_formed += 1
+        else:
+            stat.malformed += 1
+
+    return record
+
+
+def _validation_json(result: ValidationResult) -> dict:
+    return {
+        "ok": result.ok,
+        "summary": result.summary(),
+        "checks": [
+            {"name": c.name, "ok": c.ok, "skipped": c.skipped, "seconds": round(c.seconds, 2),
+             "output": c.output[-2000:]}
+            for c in result.checks
+        ],
+    }
+
+
+def _output_tail(validation: dict, lines: int = 15) -> str:
+    for check in reversed(validation.get("checks", [])):
+        if check["name"] == "tests" and not check["skipped"]:
+            return "\n".join(check["output"].rstrip().splitlines()[-lines:])
+    return ""
+
+
+def pr_body(
+    *, requirement: str, requester: str | None, source: str, request_id: int,
+    validation: dict, model: str, diff_stat: str, revisions: list[str], issue: int | None = None,
+) -> str:
+    """The pull request's description (decided here; the forge only sends it)."""
+    lines = []
+    if issue is not None:
+        lines.append(f"Closes #{issue}\n")
+    who = f" by {requester}" if requester else ""
+    lines.append(f"Requested{who} via {source} (codeloop request #{request_id}).\n")
+    lines.append("## Requirement\n")
+    lines.extend("> " + line if line else ">" for line in requirement.strip().splitlines())
+    lines.append("\n## Validation\n")
+    lines.append(f"**{'passed' if validation.get('ok') else 'failed'}** — {validation.get('summary', '')}")
+    tail = _output_tail(validation)
+    if tail:
+        lines.append(f"\n```\n{tail}\n```")
+    if revisions:
+        lines.append("\n## Revisions\n")
+        lines.extend(f"- {r}" for r in revisions)
+    lines.append(f"\n## Changes\n\n```\n{diff_stat}\n```")
+    lines.append(f"\n---\nWritten by codeloop with model `{model}`. Review it as any pull request: "
+                 "request changes and codeloop revises this branch.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def run_job(job_id: int, ports: Ports) -> dict:
+    """Run (or resume) one job to its end. Returns the job's result for the caller.
+
+    Raises JobFailed with a message for the requester, or JobCancelled.
+    """
+    settings, store = ports.settings, ports.store
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        request = job.request
+        kind, feedback, pr_id = job.kind, job.feedback, job.pull_request_id
+        req = {
+            "id": request.id, "repo": request.repo, "requirement": request.requirement,
+            "requester": request.requester, "source": request.source,
+            "issue": (request.reply_to or {}).get("issue"),
+        }
+        created_at = job.created_at
+    stages = Stages(store, job_id, ports.notifier)
+
+    # 1. workspace ------------------------------------------------------------
+    try:
+        info = ports.forge.check_repository(req["repo"]) if kind == "create" else None
+    except ForgeError as exc:
+        raise JobFailed(str(exc)) from exc
+    if info is None:
+        info = _repo_info_for_revision(ports, req["repo"])
+
+    def stage_workspace() -> dict:
+        if kind == "revise":
+            with store.session() as s:
+                pr = s.get(PullRequest, pr_id)
+                if pr.state != "open":
+                    raise JobFailed(f"pull request #{pr.number} is {pr.state}; nothing to revise")
+                branch, base_branch = pr.branch, pr.base_branch
+            if ports.forge.branch_head(info, branch) is None:
+                raise JobFailed(f"branch {branch} was deleted; the revision was dropped")
+            _, sha = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, branch)
+            return {"base_branch": base_branch, "start_sha": sha, "branch": branch}
+        config_text = ports.forge.read_file(info, info.default_branch, ".codeloop.yml")
+        try:
+            base_branch = parse_repo_config(config_text).base_branch or info.default_branch
+        except RepoConfigError as exc:
+            raise JobFailed(str(exc)) from exc
+        _, sha = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, base_branch)
+        return {"base_branch": base_branch, "start_sha": sha}
+
+    ws = stages.run("workspace", stage_workspace, f"reading {Path(req['repo']).name}")
+    workdir = settings.workspaces_dir / f"job-{job_id}"
+    workdir, _ = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, ws["start_sha"])
+    try:
+        config = parse_repo_config(git.show_file(workdir, ws["start_sha"], ".codeloop.yml"))
+    except RepoConfigError as exc:
+        raise JobFailed(str(exc)) from exc
+    model_name = config.model or settings.backend.model
+    fmt = config.edit_format or default_format_for(model_name)
+
+    # 2-3. context and prompt -----------------------------------------------
+    query = req["requirement"] + ("\n" + feedback if feedback else "")
+
+    def stage_context() -> dict:
+        index = ctx.RepoIndex(settings.index_dir / _slug(info.repo))
+        stats = index.update(workdir)
+        ranked = index.rank(query, k=settings.pipeline.context_files * 2)
+        preferred = _pr_paths(store, pr_id) if kind == "revise" else []
+        paths = preferred + [r.path for r in ranked if r.path not in preferred]
+        return {"paths": paths[: settings.pipeline.context_files * 2], "files_indexed": stats.files_total,
+                "files_read": stats.files_read}
+
+    found = stages.run("context", stage_context, "finding the files that matter")
+
+    def stage_prompt() -> dict:
+        backend = ports.backend()
+        budget = settings.backend.context_tokens - settings.backend.max_new_tokens - 400
+        budget -= backend.count_tokens(query)
+        packed = ctx.pack(
+            workdir,
+            [ctx.ScoredFile(path=p, score=0.0, reasons=[]) for p in found["paths"]],
+            budget_tokens=max(budget // 2 if _prefill(settings, fmt) else budget, 64),
+            count_tokens=backend.count_tokens,
+            max_files=settings.pipeline.context_files,
+        )
+        docs = [ContextDoc(f.path, f.text) for f in packed]
+        target = _prefill_target(docs) if _prefill(settings, fmt) else None
+        prompt = build_prompt(
+            requirement=req["requirement"], context=docs, edit_format=fmt,
+            format_rules=describe_format(fmt), prefill_file=target, feedback=feedback,
+        )
+        return prompt.to_json()
+
+    prompt = Prompt.from_json(stages.run("prompt", stage_prompt, "writing the prompt"))
+
+    # 4-6. generate, parse, validate; retry with the errors ----------------------
+    attempts = settings.pipeline.max_attempts
+    good: dict | None = None
+    last_reason = ""
+    current = prompt
+    for attempt in range(1, attempts + 1):
+        gen = stages.run(
+            f"generate-{attempt}",
+            lambda: _generate(ports, current, model_name),
+            f"generating (attempt {attempt}/{attempts})",
+        )
+        answer = gen["text"]
+        parsed = parse_edits(answer, fmt)
+        check = stages.run(
+            f"validate-{attempt}",
+            lambda: _apply_and_validate(ports, workdir, ws["start_sha"], answer, fmt, config),
+            f"validating (attempt {attempt}/{attempts})",
+            on_done=_record_format(gen["model"], fmt, parsed.well_formed),
+        )
+        if check["ok"]:
+            good = {**check, "text": answer, "model": gen["model"], "attempt": attempt}
+            break
+        last_reason = check["reason"]
+        if not check.get("retry", True):
+            break
+        current = build_prompt(
+            requirement=req["requirement"],
+            context=_docs_from_prompt(prompt),
+            edit_format=fmt,
+            format_rules=describe_format(fmt),
+            feedback=feedback,
+            previous_answer=answer,
+            errors=check["reason"],
+        )
+        current = Prompt(current.messages, prompt.prefix, prompt.stop, fmt)
+    if good is None:
+        raise JobFailed(f"no valid change after {attempt} attempt(s): {last_reason}")
+
+    # 7. forge: commit, push, pull request ---------------------------------------
+    published = stages.run(
+        "publish",
+        lambda: _publish(ports, job_id, kind, req, info, ws, workdir, good, fmt, config, created_at, pr_id),
+        "opening the pull request" if kind == "create" else "pushing the revision",
+    )
+    workspace.remove(settings.workspaces_dir, job_id)
+    return published
+
+
+def _slug(repo: str) -> str:
+    return git.slugify(repo, limit=80) + "-" + str(abs(hash(repo)) % 10_000)
+
+
+def _prefill(settings: Settings, fmt: str) -> bool:
+    mode = settings.pipeline.prefill
+    if mode == "off" or fmt != "whole":
+        return False
+    if settings.backend.kind == "openai" and not settings.backend.supports_prefill:
+        return False
+    return True
+
+
+def _prefill_target(docs: list[ContextDoc]) -> ContextDoc | None:
+    """The best-ranked file that is not a test: where a small model's change most likely goes."""
+    for doc in docs:
+        name = Path(doc.path).name
+        if not (name.startswith("test_") or name.endswith("_test.py") or "/tests/" in f"/{doc.path}"):
+            return doc
+    return docs[0] if docs else None
+
+
+def _docs_from_prompt(prompt: Prompt) -> list[ContextDoc]:
+    """Recover the context documents from a built prompt (for retries)."""
+    user = prompt.messages[1].content
+    docs = []
+    body = user.split("Requirement:\n", 1)[0]
+    for block in body.split("\n```\n"):
+        block = block.strip()
+        if not block or block == "Repository files:":
+            continue
+        block = block.removeprefix("Repository files:").strip()
+        head, _, text = block.partition("\n```")
+        _, _, text = text.partition("\n")
+        if head and text:
+            docs.append(ContextDoc(head.strip(), text))
+    return docs
+
+
+def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
+    settings = ports.settings
+    backend = ports.backend()
+    params = GenerationParams(
+        max_tokens=settings.backend.max_new_tokens,
+        temperature=settings.backend.temperature,
+        stop=prompt.stop,
+        prefix=prompt.prefix,
+        model=model_name if settings.backend.kind == "openai" else None,
+    )
+    try:
+        gen = backend.generate(prompt.messages, params)
+    except BackendError as exc:
+        raise JobFailed(f"the model backend failed: {exc}") from exc
+    text = gen.text
+    if prompt.stop and gen.finish_reason == "stop" and "```" in prompt.stop:
+        text = text.rstrip() + "\n```\n"  # the stop string closed the file's fence
+    return {
+        "text": text, "model": gen.model, "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens, "seconds": round(gen.seconds, 3),
+        "finish_reason": gen.finish_reason,
+    }
+
+
+def _apply_and_validate(
+    ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig
+) -> dict:
+    workspace.reset(workdir, start_sha)
+    parsed = parse_edits(answer, fmt)
+    if not parsed.edits:
+        problems = "; ".join(parsed.problems) or "the answer contained no file edits"
+        return {"ok": False, "reason": f"the model's answer had no parsable edit ({problems})",
+                "changed": [], "problems": parsed.problems}
+    try:
+        changed = apply_edits(parsed.edits, workdir, config)
+    except EditRejected as exc:
+        # A refused edit (protected path, outside the repository) is not retried: the
+        # requirement itself asked for it, and asking again invites the same answer.
+        return {"ok": False, "reason": str(exc), "changed": [], "retry": False,
+                "refused": True, "problems": parsed.problems}
+    if not changed:
+        return {"ok": False, "reason": "the model's edit changed nothing", "changed": [],
+                "problems": parsed.problems}
+    result = validate(
+        workdir, changed, config.test_command, ports.settings.sandbox,
+        secrets=ports.settings.secret_values(),
+    )
+    out = _validation_json(result)
+    reason = "" if result.ok else result.failures_text()
+    workspace.reset(workdir, start_sha)
+    return {"ok": result.ok, "reason": reason, "changed": changed, "validation": out,
+            "problems": parsed.problems}
+
+
+def _pr_paths(store: Store, pr_id: int | None) -> list[str]:
+    if pr_id is None:
+        return []
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_id)
+        paths: list[str] = []
+        for rev in pr.revisions:
+            for line in rev.diff.splitlines():
+                if line.startswith("+++ b/"):
+                    path = line[6:]
+                    if path not in paths:
+                        paths.append(path)
+        return paths
+
+
+def _repo_info_for_revision(ports: Ports, repo: str) -> RepoInfo:
+    """Revisions push to the PR branch; the user's own checkout may be dirty meanwhile."""
+    try:
+        return ports.forge.check_repository(repo)
+    except ForgeError:
+        top = Path(repo)
+        branch = git.current_branch(top) or "main"
+        return RepoInfo(repo=str(top), clone_url=str(top), default_branch=branch)
+
+
+def _publish(
+    ports: Ports, job_id: int, kind: str, req: dict, info: RepoInfo, ws: dict, workdir: Path,
+    good: dict, fmt: str, config: RepoConfig, created_at, pr_id: int | None,
+) -> dict:
+    store, forge = ports.store, ports.forge
+    workspace.reset(workdir, ws["start_sha"])
+    changed = apply_edits(parse_edits(good["text"], fmt).edits, workdir, config)
+    git.git(workdir, "add", "--", *changed)
+    title = _title(req["requirement"])
+    # A deterministic commit (fixed dates from the job): a resumed publish makes the same
+    # sha, so pushing again is a no-op rather than a second commit.
+    stamp = created_at.strftime("%Y-%m-%dT%H:%M:%S+0000")
+    message = (
+        f"{title}\n\nRequested via {req['source']} (codeloop request #{req['id']}).\n\n"
+        f"Codeloop-Job: {job_id}\nCodeloop-Model: {good['model']}\n"
+    )
+    if kind == "revise":
+        message = f"Revise: address review feedback\n\nCodeloop-Job: {job_id}\nCodeloop-Model: {good['model']}\n"
+    dates = {"GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
+    git.git(workdir, "commit", "--quiet", "--no-verify", "-F", "-", input=message, env=dates)
+    head = git.rev(workdir, "HEAD")
+    diff_text = git.diff(workdir, ws["start_sha"], head)
+    stat = git.diff_stat(workdir, ws["start_sha"], head)
+
+    if kind == "create":
+        with store.session() as s:
+            pr = s.scalar(select(PullRequest).where(PullRequest.request_id == req["id"]))
+            branch = pr.branch if pr else f"codeloop/{req['id']}-{git.slugify(req['requirement'])}"
+    else:
+        branch = ws["branch"]
+    forge.push_branch(info, workdir, branch)
+
+    with store.session() as s:
+        if kind == "create":
+            pr = s.scalar(select(PullRequest).where(PullRequest.request_id == req["id"]))
+            if pr is None:
+                pr = PullRequest(
+                    request_id=req["id"], forge=forge.name, repo=info.repo, branch=branch,
+                    base_branch=ws["base_branch"], title=title, body="", model_version=good["model"],
+                )
+                s.add(pr)
+                s.flush()
+            trigger = "initial"
+        else:
+            pr = s.get(PullRequest, pr_id)
+            trigger = "review"
+        rev = s.scalar(select(Revision).where(Revision.job_id == job_id))
+        if rev is None:
+            rev = Revision(
+                pull_request_id=pr.id, number=len(pr.revisions) + 1, job_id=job_id,
+                commit_sha=head, diff=diff_text, diff_stat=stat,
+                validation=good.get("validation", {}), model_version=good["model"], trigger=trigger,
+            )
+            s.add(rev)
+            s.flush()
+        pr_pk, number = pr.id, rev.number
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_pk)
+        total_stat = git.diff_stat(workdir, _merge_base(workdir, pr.base_branch, head), head)
+        revs = [f"{r.number}: {r.commit_sha[:10]} ({r.trigger}, {r.validation.get('summary', '')})"
+                for r in pr.revisions]
+        body = pr_body(
+            requirement=req["requirement"], requester=req["requester"], source=req["source"],
+            request_id=req["id"], validation=good.get("validation", {}), model=good["model"],
+            diff_stat=total_stat, revisions=revs if len(revs) > 1 else [], issue=req["issue"],
+        )
+        if kind == "create" and pr.number is None:
+            opened = forge.open_pull_request(
+                info, branch=branch, base=pr.base_branch, title=pr.title, body=body, pr_id=pr.id
+            )
+            pr.number, pr.url = opened.number, opened.url
+        pr.body = body
+        pr.model_version = good["model"]
+        return {
+            "pull_request_id": pr.id, "number": pr.number, "url": pr.url, "branch": branch,
+            "commit": head, "revision": number, "diff_stat": stat,
+            "validation": good.get("validation", {}), "changed": good["changed"],
+            "attempt": good["attempt"], "model": good["model"],
+        }
+
+
+def _merge_base(workdir: Path, base_branch: str, head: str) -> str:
+    base = git.rev(workdir, f"origin/{base_branch}") or head
+    return git.git(workdir, "merge-base", base, head).strip() or base
+
+
+def _title(requirement: str) -> str:
+    first = requirement.strip().splitlines()[0].strip()
+    return first if len(first) <= 72 else first[:69].rstrip() + "…"

@@ -1,0 +1,202 @@
+"""Composition root: settings → store, forge, backend, queue, notifier. Nothing else wires."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bot import jobs
+from bot.forges.local import LocalForge
+from bot.pipeline import JobCancelled, JobFailed, Ports, run_job
+from bot.ports import Backend, Notifier
+from bot.settings import Settings
+from bot.store.db import Store
+
+log = logging.getLogger(__name__)
+
+STAGE_LABELS = {
+    "workspace": "reading the repository",
+    "context": "finding the files that matter",
+    "prompt": "writing the prompt",
+    "publish": "opening the pull request",
+}
+
+
+def build_backend(settings: Settings, progress: Callable[[str], None] | None = None) -> Backend:
+    """The configured backend. Heavy imports happen here, not at import time."""
+    if settings.backend.kind == "openai":
+        from inference.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings.backend)
+    from inference.backends.embedded import EMBEDDED_MODEL_NAME, ensure_converted
+    from inference.backends.transformers_backend import TransformersBackend
+
+    path, _ = ensure_converted(settings.embedded.cache_dir, progress=progress)
+    return TransformersBackend(
+        path,
+        model_name=EMBEDDED_MODEL_NAME,
+        adapter_path=settings.embedded.adapter_path,
+        context_tokens=settings.backend.context_tokens,
+        threads=settings.embedded.threads,
+    )
+
+
+class LazyBackend:
+    """Loads the backend on first use, once per process (thread-safe)."""
+
+    def __init__(self, factory: Callable[[], Backend]):
+        self._factory = factory
+        self._backend: Backend | None = None
+        self._lock = threading.Lock()
+        self.load_seconds: float | None = None
+
+    def __call__(self) -> Backend:
+        with self._lock:
+            if self._backend is None:
+                started = time.perf_counter()
+                self._backend = self._factory()
+                self.load_seconds = time.perf_counter() - started
+            return self._backend
+
+
+class LogNotifier:
+    """Progress into the log (workers); chat adapters send the same events elsewhere."""
+
+    def stage(self, job_id: int, stage: str, detail: str = "") -> None:
+        log.info("job %s: %s", job_id, detail or STAGE_LABELS.get(stage, stage))
+
+    def finished(self, job_id: int, text: str, ok: bool) -> None:
+        (log.info if ok else log.warning)("job %s: %s", job_id, text)
+
+
+@dataclass
+class TerminalNotifier:
+    """Progress for `codeloop run`: one line per stage with elapsed time."""
+
+    stream: object = field(default_factory=lambda: sys.stdout)
+    started: float = field(default_factory=time.perf_counter)
+
+    def stage(self, job_id: int, stage: str, detail: str = "") -> None:
+        elapsed = time.perf_counter() - self.started
+        print(f"[{elapsed:6.1f}s] job {job_id}: {detail or STAGE_LABELS.get(stage, stage)}",
+              file=self.stream, flush=True)
+
+    def finished(self, job_id: int, text: str, ok: bool) -> None:
+        elapsed = time.perf_counter() - self.started
+        mark = "done" if ok else "FAILED"
+        print(f"[{elapsed:6.1f}s] job {job_id} {mark}: {text}", file=self.stream, flush=True)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    ports: Ports
+    backend: LazyBackend
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def build_runtime(settings: Settings, notifier: Notifier | None = None) -> Runtime:
+    store = Store(settings.database_url)
+    backend = LazyBackend(lambda: build_backend(settings))
+    ports = Ports(
+        settings=settings,
+        store=store,
+        forge=LocalForge(),
+        backend=backend,
+        notifier=notifier or LogNotifier(),
+    )
+    return Runtime(settings=settings, store=store, ports=ports, backend=backend)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: int
+    state: str  # succeeded | failed | cancelled | skipped
+    result: dict
+    error: str | None = None
+
+
+def execute(runtime: Runtime, job_id: int, owner: str | None = None) -> Outcome:
+    """Claim a job, run it under a lease with a heartbeat, and record how it ended.
+
+    This is the one boundary for a job: every failure ends here, logged with the job id,
+    stored on the job, and told to the requester through the notifier.
+    """
+    settings, store, notifier = runtime.settings, runtime.store, runtime.ports.notifier
+    owner = owner or jobs.worker_id()
+    lease = settings.queue.lease_seconds
+    if not jobs.claim(store, job_id, owner, lease):
+        log.info("job %s: not claimable (done, cancelled or running elsewhere)", job_id)
+        return Outcome(job_id, "skipped", {})
+    with jobs.Heartbeat(store, job_id, owner, lease):
+        try:
+            result = run_job(job_id, runtime.ports)
+        except JobCancelled:
+            notifier.finished(job_id, "cancelled", ok=False)
+            return Outcome(job_id, "cancelled", {}, "cancelled")
+        except JobFailed as exc:
+            jobs.finish(store, job_id, owner, state="failed", error=str(exc), result={})
+            notifier.finished(job_id, str(exc), ok=False)
+            return Outcome(job_id, "failed", {}, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the job boundary
+            log.exception("job %s: unexpected error", job_id)
+            message = f"internal error ({type(exc).__name__}): {exc}"
+            jobs.finish(store, job_id, owner, state="failed", error=message, result={})
+            notifier.finished(job_id, message, ok=False)
+            return Outcome(job_id, "failed", {}, message)
+    jobs.finish(store, job_id, owner, state="succeeded", error=None, result=result)
+    notifier.finished(job_id, f"pull request #{result['number']} on {result['branch']}", ok=True)
+    return Outcome(job_id, "succeeded", result)
+
+
+# ---------------------------------------------------------------- the queue (huey)
+
+
+def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
+    """A huey instance with codeloop's tasks registered. SQLite by default, Redis by URL."""
+    from huey import RedisHuey, SqliteHuey, crontab
+
+    url = settings.queue.url
+    if url and url.startswith("redis"):
+        huey = RedisHuey("codeloop", url=url)
+    else:
+        path = settings.home / "queue.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        huey = SqliteHuey("codeloop", filename=str(path))
+
+    state: dict = {}
+    lock = threading.Lock()
+
+    def runtime() -> Runtime:
+        with lock:
+            if "runtime" not in state:
+                state["runtime"] = runtime_factory()
+            return state["runtime"]
+
+    @huey.task(name="codeloop.run_job")
+    def run_job_task(job_id: int) -> str:
+        return execute(runtime(), job_id).state
+
+    @huey.periodic_task(crontab(minute="*"), name="codeloop.recover")
+    def recover_task() -> int:
+        return recover(runtime(), run_job_task)
+
+    huey.codeloop_run_job = run_job_task  # type: ignore[attr-defined]
+    huey.codeloop_runtime = runtime  # type: ignore[attr-defined]
+    return huey
+
+
+def recover(runtime: Runtime, enqueue: Callable[[int], object]) -> int:
+    """Re-enqueue jobs that lost their worker (or their enqueue); claims dedupe the rest."""
+    found = jobs.recoverable_jobs(runtime.store, runtime.settings.queue.lease_seconds)
+    for job_id in found:
+        log.info("job %s: recovering (its worker is gone or its lease expired)", job_id)
+        enqueue(job_id)
+    return len(found)

@@ -1,0 +1,182 @@
+"""The store's tables: request → job (with stage history) → pull request → revisions → signals.
+
+SQLAlchemy 2 typed models. Schema changes go through alembic (bot/store/migrations).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Request(Base):
+    """A requirement as it arrived, once per idempotency key (a redelivery finds this row)."""
+
+    __tablename__ = "requests"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(20))  # cli | github | slack
+    repo: Mapped[str] = mapped_column(String(500))  # path (local forge) or owner/name
+    requirement: Mapped[str] = mapped_column(Text)
+    truncated: Mapped[bool] = mapped_column(default=False)
+    requester: Mapped[str | None] = mapped_column(String(200))
+    reply_to: Mapped[dict[str, Any]] = mapped_column(default=dict)  # where progress goes
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="request", order_by="Job.id")
+
+
+class Job(Base):
+    """One run of the pipeline: create a pull request, or revise one."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)  # idempotency key of the job
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id"))
+    kind: Mapped[str] = mapped_column(String(20), default="create")  # create | revise
+    pull_request_id: Mapped[int | None] = mapped_column(ForeignKey("pull_requests.id"))
+    feedback: Mapped[str | None] = mapped_column(Text)  # review text a revision addresses
+    state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    # queued | running | succeeded | failed | cancelled
+    runs: Mapped[int] = mapped_column(default=0)  # how many times a worker claimed it
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    request: Mapped[Request] = relationship(back_populates="jobs")
+    stages: Mapped[list[JobStage]] = relationship(
+        back_populates="job", order_by="JobStage.id", cascade="all, delete-orphan"
+    )
+
+
+class JobStage(Base):
+    """One attempt at one pipeline stage; a `done` row is the stage's checkpoint."""
+
+    __tablename__ = "job_stages"
+    __table_args__ = (Index("ix_job_stages_job_name", "job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    name: Mapped[str] = mapped_column(String(50))
+    state: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    seconds: Mapped[float | None]
+    output: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    job: Mapped[Job] = relationship(back_populates="stages")
+
+
+class PullRequest(Base):
+    __tablename__ = "pull_requests"
+    __table_args__ = (UniqueConstraint("forge", "repo", "branch"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id"), unique=True)
+    forge: Mapped[str] = mapped_column(String(20))  # local | github
+    repo: Mapped[str] = mapped_column(String(500))
+    number: Mapped[int | None]  # the forge's number (local: same as id)
+    url: Mapped[str | None] = mapped_column(String(1000))
+    branch: Mapped[str] = mapped_column(String(300))
+    base_branch: Mapped[str] = mapped_column(String(300))
+    title: Mapped[str] = mapped_column(String(300))
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(20), default="open")  # open | merged | closed
+    model_version: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    merged_at: Mapped[datetime | None]
+
+    revisions: Mapped[list[Revision]] = relationship(
+        back_populates="pull_request", order_by="Revision.number"
+    )
+    signals: Mapped[list[ReviewSignal]] = relationship(
+        back_populates="pull_request", order_by="ReviewSignal.id"
+    )
+
+
+class Revision(Base):
+    """One commit the bot pushed to a pull request's branch."""
+
+    __tablename__ = "revisions"
+    __table_args__ = (UniqueConstraint("pull_request_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pull_request_id: Mapped[int] = mapped_column(ForeignKey("pull_requests.id"))
+    number: Mapped[int]
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    commit_sha: Mapped[str] = mapped_column(String(64))
+    diff: Mapped[str] = mapped_column(Text)
+    diff_stat: Mapped[str] = mapped_column(Text)
+    validation: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_version: Mapped[str] = mapped_column(String(200))
+    trigger: Mapped[str] = mapped_column(String(20))  # initial | review | followup
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    pull_request: Mapped[PullRequest] = relationship(back_populates="revisions")
+
+
+class ReviewSignal(Base):
+    """How people received a pull request: the training signal."""
+
+    __tablename__ = "review_signals"
+    __table_args__ = (UniqueConstraint("source", "external_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pull_request_id: Mapped[int] = mapped_column(ForeignKey("pull_requests.id"))
+    revision_id: Mapped[int | None] = mapped_column(ForeignKey("revisions.id"))
+    kind: Mapped[str] = mapped_column(String(30), index=True)
+    # approved | changes_requested | commented | line_comment | merged | closed_unmerged
+    body: Mapped[str | None] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(String(1000))
+    line: Mapped[int | None]
+    author: Mapped[str | None] = mapped_column(String(200))
+    model_version: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(20))  # local | github | slack
+    external_id: Mapped[str] = mapped_column(String(200))  # dedupes redeliveries
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    pull_request: Mapped[PullRequest] = relationship(back_populates="signals")
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    base_model: Mapped[str] = mapped_column(String(200))
+    adapter_path: Mapped[str | None] = mapped_column(String(1000))
+    status: Mapped[str] = mapped_column(String(20), default="candidate")
+    # candidate | active | retired | rejected
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    dataset_card: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EditFormatStat(Base):
+    """Per model and edit format: how many answers parsed well-formed (choose formats by data)."""
+
+    __tablename__ = "edit_format_stats"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    format: Mapped[str] = mapped_column(String(30), primary_key=True)
+    well_formed: Mapped[int] = mapped_column(default=0)
+    malformed: Mapped[int] = mapped_column(default=0)

@@ -1,0 +1,124 @@
+"""Review signals: how a pull request was received, stored the same way for every forge.
+
+Each signal is linked to the pull request, the revision it judged (the newest at the time)
+and the model version that wrote that revision. `(source, external_id)` is unique, so a
+redelivered review is stored once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from bot import jobs
+from bot.forges import Forge, ForgeError, RepoInfo
+from bot.store.db import Store
+from bot.store.models import PullRequest, ReviewSignal, utcnow
+
+KINDS = {"approved", "changes_requested", "commented", "line_comment", "merged", "closed_unmerged"}
+
+
+class SignalError(ValueError):
+    """The review cannot be recorded; the message is meant for the reviewer."""
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    signal_id: int
+    created: bool
+    revision_job_id: int | None  # set when the review asks the bot for a revision
+
+
+def record_signal(
+    store: Store, pr_id: int, *, kind: str, source: str, external_id: str,
+    body: str | None = None, author: str | None = None, path: str | None = None,
+    line: int | None = None,
+) -> tuple[int, bool]:
+    """Store one signal (once per external id); returns (signal id, created)."""
+    if kind not in KINDS:
+        raise SignalError(f"unknown review signal {kind!r}")
+    try:
+        with store.session() as s:
+            pr = s.get(PullRequest, pr_id)
+            if pr is None:
+                raise SignalError(f"no pull request with id {pr_id}")
+            latest = pr.revisions[-1] if pr.revisions else None
+            signal = ReviewSignal(
+                pull_request_id=pr.id, revision_id=latest.id if latest else None, kind=kind,
+                body=body, path=path, line=line, author=author,
+                model_version=latest.model_version if latest else pr.model_version,
+                source=source, external_id=external_id,
+            )
+            s.add(signal)
+            s.flush()
+            return signal.id, True
+    except IntegrityError:
+        with store.session() as s:
+            existing = s.scalar(
+                select(ReviewSignal.id).where(
+                    ReviewSignal.source == source, ReviewSignal.external_id == external_id
+                )
+            )
+            return existing, False
+
+
+def record_local_review(
+    store: Store, pr_id: int, *, kind: str, body: str | None, author: str | None
+) -> ReviewOutcome:
+    """A review from `codeloop review`; changes requested start a revision job."""
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_id)
+        if pr is None:
+            raise SignalError(f"no pull request with id {pr_id}")
+        if pr.state != "open":
+            raise SignalError(f"pull request #{pr.number} is {pr.state}; it cannot be reviewed")
+        request_id = pr.request_id
+    if kind == "changes_requested" and not (body or "").strip():
+        raise SignalError("say what to change: --request-changes \"COMMENT\"")
+    external_id = f"local-{uuid.uuid4().hex}"
+    signal_id, created = record_signal(
+        store, pr_id, kind=kind, source="local", external_id=external_id, body=body, author=author
+    )
+    job_id = None
+    if kind == "changes_requested":
+        job_id, _ = jobs.submit_revision(
+            store, request_id=request_id, pull_request_id=pr_id, feedback=body.strip(),
+            key=f"revise:local:{signal_id}",
+        )
+    return ReviewOutcome(signal_id=signal_id, created=created, revision_job_id=job_id)
+
+
+def merge_local(store: Store, forge: Forge, pr_id: int, *, author: str | None) -> str:
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_id)
+        if pr is None:
+            raise SignalError(f"no pull request with id {pr_id}")
+        if pr.state != "open":
+            raise SignalError(f"pull request #{pr.number} is already {pr.state}")
+        repo = RepoInfo(repo=pr.repo, clone_url=pr.repo, default_branch=pr.base_branch)
+        branch, base, title, number = pr.branch, pr.base_branch, pr.title, pr.number
+    if not Path(repo.repo).exists():
+        raise ForgeError(f"the repository {repo.repo} no longer exists")
+    sha = forge.merge(repo, branch=branch, base=base, message=f"Merge #{number}: {title}")
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_id)
+        pr.state, pr.merged_at = "merged", utcnow()
+    record_signal(store, pr_id, kind="merged", source="local", external_id=f"merge-{pr_id}",
+                  author=author)
+    return sha
+
+
+def close_local(store: Store, pr_id: int, *, author: str | None) -> None:
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_id)
+        if pr is None:
+            raise SignalError(f"no pull request with id {pr_id}")
+        if pr.state != "open":
+            raise SignalError(f"pull request #{pr.number} is already {pr.state}")
+        pr.state = "closed"
+    record_signal(store, pr_id, kind="closed_unmerged", source="local",
+                  external_id=f"close-{pr_id}", author=author)

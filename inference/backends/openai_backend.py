@@ -1,0 +1,390 @@
+"""Generation through an OpenAI-compatible server: vLLM first, any compatible server otherwise.
+
+The official `openai` client does the HTTP; this adapter decides what to send, retries what
+is worth retrying (429, 5xx, connection errors, timeouts) with exponential backoff and
+jitter, and turns the server's answers into the port's values and exceptions:
+
+- a prompt that does not fit the context window -> `ContextTooLong` (the server's words);
+- an unknown model -> `BackendError` naming the models the server does serve;
+- a server that cannot be reached -> `BackendError(retryable=True)` naming the URL.
+
+Answer prefixes ("prefill") use vLLM's chat-completion extras `continue_final_message` and
+`add_generation_prompt` (see `ChatCompletionRequest` in vLLM's
+`vllm/entrypoints/openai/chat_completion/protocol.py`): the prefix is sent as a final
+assistant message that the model continues.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import importlib
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+
+import openai
+
+from bot.ports import BackendError, ContextTooLong, Generation, GenerationParams, Message
+from bot.settings import BackendSettings
+
+log = logging.getLogger(__name__)
+
+# What servers say when a prompt does not fit. vLLM: "This model's maximum context length is
+# N tokens. However, your request has M input tokens..." or "'max_tokens' ... is too large:
+# X. This model's maximum context length is N tokens and your request has M input tokens".
+_CONTEXT_PATTERNS = re.compile(
+    r"maximum context length|context length|context window|is too long|too many tokens"
+    r"|prompt is too long|input tokens",
+    re.IGNORECASE,
+)
+_RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
+_LONGEST_RETRY_AFTER = 120.0  # seconds; a longer Retry-After is cut to this
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Network errors that older `openai` versions let escape while a stream is read."""
+    found: list[type[BaseException]] = []
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+
+
+class _Retry(Exception):
+    """One failed attempt that a later attempt may fix."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class OpenAIBackend:
+    """A `Backend` that generates through an OpenAI-compatible chat-completions server."""
+
+    def __init__(
+        self,
+        settings: BackendSettings,
+        *,
+        tokenizer_counter: Callable[[str], int] | None = None,
+        backoff_seconds: float = 0.5,
+        max_backoff_seconds: float = 20.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        """`backoff_seconds` is the first retry's nominal delay; each retry doubles it, up to
+        `max_backoff_seconds`, with random jitter. A server's Retry-After header wins."""
+        self.settings = settings
+        self.base_url = settings.base_url.rstrip("/")
+        self.model = settings.model
+        self.name = f"openai:{settings.model}"
+        self._count = tokenizer_counter
+        self._backoff = backoff_seconds
+        self._max_backoff = max_backoff_seconds
+        self._sleep = sleep
+        self._client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=settings.api_key.get_secret_value(),
+            timeout=settings.timeout_seconds,
+            max_retries=0,  # retries are ours, so only streams with no tokens yet are retried
+        )
+
+    def __repr__(self) -> str:  # no api key in reprs, logs or tracebacks
+        return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OpenAIBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ Backend
+    def count_tokens(self, text: str) -> int:
+        if self._count is not None:
+            return self._count(text)
+        return len(text) // 3  # rough: code runs about 3 characters a token
+
+    def list_models(self) -> list[str]:
+        """The model and adapter names the server serves (GET /v1/models)."""
+        page = self._with_retries("list models", lambda: self._client.models.list())
+        return [m.id for m in page.data]
+
+    def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[str]:
+        yield from self._run(messages, params, stats={})
+
+    def generate(
+        self,
+        messages: list[Message],
+        params: GenerationParams,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        started = time.perf_counter()
+        stats: dict = {}
+        pieces = []
+        for piece in self._run(messages, params, stats):
+            pieces.append(piece)
+            if on_text:
+                on_text(piece)
+        return Generation(
+            text=params.prefix + "".join(pieces),
+            model=stats.get("model") or params.model or self.model,
+            prompt_tokens=stats.get("prompt_tokens", 0),
+            completion_tokens=stats.get("completion_tokens", 0),
+            seconds=time.perf_counter() - started,
+            finish_reason=stats.get("finish_reason", "stop"),
+        )
+
+    # ------------------------------------------------------------------ request
+    def _request(self, messages: list[Message], params: GenerationParams) -> dict:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        kwargs: dict = dict(
+            model=params.model or self.model,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
+        if params.prefix and self.settings.supports_prefill:
+            chat.append({"role": "assistant", "content": params.prefix})
+            kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+        elif params.prefix:
+            ask = f"Start your answer with:\n{params.prefix}"
+            if chat and chat[-1]["role"] == "user":
+                chat[-1] = {"role": "user", "content": f"{chat[-1]['content']}\n\n{ask}"}
+            else:
+                chat.append({"role": "user", "content": ask})
+        kwargs["messages"] = chat
+        return kwargs
+
+    def _run(self, messages: list[Message], params: GenerationParams, stats: dict) -> Iterator[str]:
+        kwargs = self._request(messages, params)
+        model = kwargs["model"]
+        # Without prefill the model writes the prefix itself; it is not part of the continuation.
+        echo = params.prefix if params.prefix and not self.settings.supports_prefill else ""
+        attempt = 0
+        while True:
+            streamed = False
+            try:
+                stream = self._open(kwargs, model)
+                with stream:
+                    pieces = self._pieces(stream, stats)
+                    for piece in _without_echo(pieces, echo) if echo else pieces:
+                        streamed = True
+                        yield piece
+                return
+            except _Retry as failure:
+                if streamed:
+                    raise BackendError(
+                        f"the model server at {self.base_url} failed mid-answer: {failure.message}",
+                        retryable=True,
+                    ) from failure
+                if attempt >= self.settings.max_retries:
+                    raise BackendError(
+                        self._gave_up(failure.message, attempt), retryable=True
+                    ) from failure
+                attempt += 1
+                self._wait(attempt, failure, "generate")
+
+    def _open(self, kwargs: dict, model: str):
+        try:
+            return self._client.chat.completions.create(**kwargs)
+        except openai.APIError as exc:
+            raise self._translate(exc, model) from exc
+
+    def _pieces(self, stream, stats: dict) -> Iterator[str]:
+        try:
+            for chunk in stream:
+                if chunk.model:
+                    stats["model"] = chunk.model
+                if chunk.usage is not None:
+                    stats["prompt_tokens"] = chunk.usage.prompt_tokens or 0
+                    stats["completion_tokens"] = chunk.usage.completion_tokens or 0
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        stats["finish_reason"] = (
+                            "length" if choice.finish_reason == "length" else "stop"
+                        )
+                    if choice.delta is not None and choice.delta.content:
+                        yield choice.delta.content
+        except openai.APIError as exc:  # an error event in the stream, or the connection broke
+            raise self._translate(exc, stats.get("model", self.model)) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise _Retry(f"the connection broke: {exc}") from exc
+
+    # ------------------------------------------------------------------ errors and retries
+    def _with_retries(self, what: str, call: Callable):
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except openai.APIError as exc:
+                failure = self._translate(exc, self.model)
+                if not isinstance(failure, _Retry):
+                    raise failure from exc
+                if attempt >= self.settings.max_retries:
+                    raise BackendError(
+                        self._gave_up(failure.message, attempt), retryable=True
+                    ) from exc
+            attempt += 1
+            self._wait(attempt, failure, what)
+
+    def _translate(self, exc: openai.APIError, model: str) -> Exception:
+        """A `_Retry` for what a later attempt may fix; the port's exception otherwise."""
+        if isinstance(exc, openai.APITimeoutError):
+            return _Retry(f"no answer within {self.settings.timeout_seconds:g} s (timeout)")
+        if isinstance(exc, openai.APIConnectionError):
+            if _refused(exc):
+                return _Retry("connection refused (is vLLM running?)")
+            return _Retry(f"connection failed: {_root_cause(exc)}")
+        message = _server_message(exc)
+        if not isinstance(exc, openai.APIStatusError):  # an error event inside a stream
+            if _CONTEXT_PATTERNS.search(message):
+                return ContextTooLong(message)
+            return _Retry(message)
+        status = exc.status_code
+        if status in _RETRY_STATUSES or status >= 500:
+            return _Retry(f"HTTP {status}: {message}", retry_after=_retry_after(exc.response))
+        if status == 400 and _CONTEXT_PATTERNS.search(message):
+            return ContextTooLong(message)
+        if status in (401, 403):
+            return BackendError(
+                f"the model server at {self.base_url} refused the API key (HTTP {status}): "
+                f"{message}; check CODELOOP_BACKEND__API_KEY"
+            )
+        if status == 404:
+            return BackendError(self._not_found(model, message))
+        return BackendError(f"the model server at {self.base_url} answered HTTP {status}: {message}")
+
+    def _not_found(self, model: str, message: str) -> str:
+        try:  # one try: this only words an error that is already certain
+            served = [m.id for m in self._client.models.list().data]
+        except openai.APIError:
+            served = None
+        if served is not None and model not in served:
+            names = ", ".join(served) or "(none)"
+            return (
+                f"the model server at {self.base_url} does not serve the model {model!r}; "
+                f"it serves: {names} (set CODELOOP_BACKEND__MODEL or the repository's `model`)"
+            )
+        return (
+            f"the model server at {self.base_url} answered 404: {message} "
+            "(is base_url right? it usually ends in /v1)"
+        )
+
+    def _gave_up(self, message: str, retries: int) -> str:
+        tries = f"after {retries} retries" if retries else "with no retries"
+        if message.startswith("connection refused"):
+            return f"cannot reach the model server at {self.base_url}: {message} ({tries})"
+        return f"the model server at {self.base_url} did not answer {tries}: {message}"
+
+    def _wait(self, attempt: int, failure: _Retry, what: str) -> None:
+        if failure.retry_after is not None:
+            delay = min(failure.retry_after, _LONGEST_RETRY_AFTER)
+        else:
+            nominal = min(self._max_backoff, self._backoff * 2 ** (attempt - 1))
+            delay = nominal / 2 + random.uniform(0, nominal / 2)
+        log.warning(
+            "%s: %s at %s; retry %d of %d in %.2f s",
+            what,
+            failure.message,
+            self.base_url,
+            attempt,
+            self.settings.max_retries,
+            delay,
+        )
+        self._sleep(delay)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _without_echo(pieces: Iterator[str], prefix: str) -> Iterator[str]:
+    """Drop the prefix when the model starts its answer by repeating it (no-prefill servers)."""
+    target = prefix.lstrip()
+    held = ""
+    pieces = iter(pieces)
+    for piece in pieces:
+        held += piece
+        stripped = held.lstrip()
+        if len(stripped) < len(target) and target.startswith(stripped):
+            continue  # may still turn out to be the prefix: wait for more
+        rest = stripped[len(target) :] if stripped.startswith(target) else held
+        if rest:
+            yield rest
+        yield from pieces
+        return
+    # The answer ended while it still looked like (part of) the prefix: nothing follows it.
+
+
+def _server_message(exc: openai.APIError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        message = body.get("message")
+        if isinstance(message, str) and message:
+            return message
+        detail = body.get("detail")
+        if isinstance(detail, str) and detail:
+            return detail
+    if isinstance(body, str) and body:
+        return body
+    return exc.message
+
+
+def _refused(exc: BaseException) -> bool:
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        if isinstance(current, ConnectionRefusedError) or "refused" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def _root_cause(exc: BaseException) -> str:
+    current = exc
+    for _ in range(10):
+        nxt = current.__cause__ or current.__context__
+        if nxt is None:
+            break
+        current = nxt
+    return str(current) or type(current).__name__
+
+
+def _retry_after(response) -> float | None:
+    """Seconds from a Retry-After (seconds or HTTP date) or retry-after-ms header."""
+    if response is None:
+        return None
+    headers = response.headers
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

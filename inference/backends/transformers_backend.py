@@ -1,0 +1,146 @@
+"""Generation on the CPU (or a local GPU) with transformers: the embedded default backend."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bot.ports import ContextTooLong, Generation, GenerationParams, Message
+
+log = logging.getLogger(__name__)
+
+
+class TransformersBackend:
+    """A causal LM loaded from a local directory, optionally with a PEFT LoRA adapter.
+
+    `stream()` runs `generate` on a background thread and yields text as it is produced.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        model_name: str,
+        adapter_path: Path | None = None,
+        context_tokens: int = 2048,
+        threads: int = 0,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.model_name = model_name
+        if adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+            self.model_name = Path(adapter_path).name
+        model.eval()
+        self.model = model
+        self.context_tokens = context_tokens
+        self.load_seconds = time.perf_counter() - started
+        self.name = f"transformers:{self.model_name}"
+        self._lock = threading.Lock()  # one generation at a time on one CPU model
+
+    # ------------------------------------------------------------------ helpers
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prompt(self, messages: list[Message], prefix: str) -> str:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        return (
+            self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            + prefix
+        )
+
+    # ------------------------------------------------------------------ Backend
+    def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[str]:
+        for piece in self._run(messages, params, stats={}):
+            yield piece
+
+    def _run(self, messages: list[Message], params: GenerationParams, stats: dict) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        prompt = self._prompt(messages, params.prefix)
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        room = self.context_tokens - prompt_tokens
+        if room < 16:
+            raise ContextTooLong(
+                f"the prompt has {prompt_tokens} tokens; the model's context is "
+                f"{self.context_tokens} tokens"
+            )
+        max_new = min(params.max_tokens, room)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(
+            **inputs,
+            max_new_tokens=max_new,
+            streamer=streamer,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature)
+        else:
+            kwargs.update(do_sample=False)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        result: dict = {}
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    result["output"] = self.model.generate(**kwargs)
+            except BaseException as exc:  # reported on the caller's thread
+                result["error"] = exc
+                streamer.end()
+
+        with self._lock:
+            thread = threading.Thread(target=work, name="generate", daemon=True)
+            thread.start()
+            for piece in streamer:
+                if piece:
+                    yield piece
+            thread.join()
+        if "error" in result:
+            raise result["error"]
+        completion = int(result["output"].shape[1]) - prompt_tokens
+        stats.update(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            finish_reason="length" if completion >= max_new else "stop",
+        )
+
+    def generate(
+        self,
+        messages: list[Message],
+        params: GenerationParams,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        started = time.perf_counter()
+        stats: dict = {}
+        pieces = []
+        for piece in self._run(messages, params, stats):
+            pieces.append(piece)
+            if on_text:
+                on_text(piece)
+        text = "".join(pieces)
+        for stop in params.stop:  # stop strings are part of the output in transformers
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return Generation(
+            text=params.prefix + text,
+            model=self.model_name,
+            prompt_tokens=stats.get("prompt_tokens", 0),
+            completion_tokens=stats.get("completion_tokens", 0),
+            seconds=time.perf_counter() - started,
+            finish_reason=stats.get("finish_reason", "stop"),
+        )

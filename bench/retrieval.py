@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.context import RankWeights, RepoIndex  # noqa: E402
+from inference.context import RankWeights, RepoIndex
 
 _WORD_RE = re.compile(r"(?u)\b\w\w+\b")  # bm25s.tokenize's default pattern
 NO_BOOSTS = RankWeights(
@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         clone = Path(tmp) / "clone"
         cache = Path(tmp) / "cache"
         t = time.perf_counter()
-        subprocess.run(
-            ["git", "clone", "-q", str(args.repo.resolve()), str(clone)], check=True
-        )
+        subprocess.run(["git", "clone", "-q", str(args.repo.resolve()), str(clone)], check=True)
         clone_s = time.perf_counter() - t
 
         # ---------------------------------------------------- full and incremental index
@@ -224,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             if values:
                 r5 = sum(v[0] for v in values) / len(values)
                 r10 = sum(v[1] for v in values) / len(values)
-                rows.append((f"recall@5 / @10, {name}", f"{r5:.3f} / {r10:.3f} ({len(values)} commits)"))
+                rows.append(
+                    (f"recall@5 / @10, {name}", f"{r5:.3f} / {r10:.3f} ({len(values)} commits)")
+                )
         rows.append(("clone / recall phase", f"{clone_s:.1f} s / {recall_s:.1f} s"))
 
     width = max(len(k) for k, _ in rows)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from bot import git, jobs, workspace
@@ -96,6 +96,13 @@ class Stages:
             raise JobCancelled()
         self.notifier.stage(self.job_id, name, detail)
         with self.store.session() as s:
+            # A `running` row left by a worker that died is history, not a checkpoint.
+            s.execute(
+                update(JobStage)
+                .where(JobStage.job_id == self.job_id, JobStage.name == name,
+                       JobStage.state == "running")
+                .values(state="interrupted")
+            )
             row = JobStage(job_id=self.job_id, name=name, state="running")
             s.add(row)
             s.flush()
@@ -245,6 +252,9 @@ def run_job(job_id: int, ports: Ports) -> dict:
         index = ctx.RepoIndex(settings.index_dir / _slug(info.repo))
         stats = index.update(workdir)
         ranked = index.rank(query, k=settings.pipeline.context_files * 2)
+        if ranked:  # weakly related files distract small models more than they help
+            floor = ranked[0].score * settings.pipeline.context_min_score
+            ranked = [r for r in ranked if r.score >= floor]
         preferred = _pr_paths(store, pr_id) if kind == "revise" else []
         paths = preferred + [r.path for r in ranked if r.path not in preferred]
         return {"paths": paths[: settings.pipeline.context_files * 2], "files_indexed": stats.files_total,
@@ -376,7 +386,7 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
         raise JobFailed(f"the model backend failed: {exc}") from exc
     text = gen.text
     if prompt.stop and gen.finish_reason == "stop" and "```" in prompt.stop:
-        text = text.rstrip() + "\n```\n"  # the stop string closed the file's fence
+        text = text.rstrip() + "\n```\n"  # a stop string ended the prefilled file
     return {
         "text": text, "model": gen.model, "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": gen.completion_tokens, "seconds": round(gen.seconds, 3),
@@ -397,9 +407,10 @@ def _apply_and_validate(
         changed = apply_edits(parsed.edits, workdir, config)
     except EditRejected as exc:
         # A refused edit (protected path, outside the repository) is not retried: the
-        # requirement itself asked for it, and asking again invites the same answer.
-        return {"ok": False, "reason": str(exc), "changed": [], "retry": False,
-                "refused": True, "problems": parsed.problems}
+        # requirement itself asked for it, and asking again invites the same answer. A
+        # SEARCH block that did not match is a model slip: retried with the error.
+        return {"ok": False, "reason": str(exc), "changed": [], "retry": not exc.refused,
+                "refused": exc.refused, "problems": parsed.problems}
     if not changed:
         return {"ok": False, "reason": "the model's edit changed nothing", "changed": [],
                 "problems": parsed.problems}

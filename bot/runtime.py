@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bot import jobs
+from bot.forges import Forge
 from bot.forges.local import LocalForge
 from bot.pipeline import JobCancelled, JobFailed, Ports, run_job
 from bot.ports import Backend, Notifier
@@ -102,17 +103,23 @@ class Runtime:
         self.store.close()
 
 
-def build_runtime(settings: Settings, notifier: Notifier | None = None) -> Runtime:
+def build_runtime(
+    settings: Settings,
+    notifier: Notifier | None = None,
+    backend: Backend | None = None,
+    forge: Forge | None = None,
+) -> Runtime:
+    """Wire the ports from settings; tests pass their own adapters for any port."""
     store = Store(settings.database_url)
-    backend = LazyBackend(lambda: build_backend(settings))
+    lazy = LazyBackend((lambda: backend) if backend is not None else (lambda: build_backend(settings)))
     ports = Ports(
         settings=settings,
         store=store,
-        forge=LocalForge(),
-        backend=backend,
+        forge=forge or LocalForge(),
+        backend=lazy,
         notifier=notifier or LogNotifier(),
     )
-    return Runtime(settings=settings, store=store, ports=ports, backend=backend)
+    return Runtime(settings=settings, store=store, ports=ports, backend=lazy)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,12 @@ class PipelineSettings(BaseModel):
         default=100_000, ge=100, description="Longer requirements are truncated, with a note."
     )
     context_files: int = Field(default=6, ge=1, description="Most files put in the prompt.")
+    context_min_score: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Files scoring below this share of the best file's score stay out of the prompt.",
+    )
     prefill: Literal["auto", "off"] = Field(
         default="auto",
         description="auto: with the whole-file format, start the answer with the most relevant "

@@ -143,6 +143,10 @@ class RankWeights:
     symbol_mentioned: float = 1.0  # an identifier-like mention of a symbol the file defines
     symbol_word: float = 0.4  # a capitalised plain word equal to a class name
     symbol_cap: float = 1.5  # most the symbol boosts add to one file
+    # A mentioned symbol's boost scales with how rare its name is in the repository, down to
+    # this share of the full boost (1.0: no scaling): `ParamSpec` in a type checker's repo
+    # is everywhere, `compute_tax` in a billing app is not.
+    symbol_rarity_floor: float = 0.5
     extra_chunks: float = 0.1  # share of the other chunks' scores added to the best chunk
     extra_chunks_cap: float = 0.3  # ... at most this fraction of the best chunk's score
     paired_test: float = 0.9  # a paired test file scores this fraction of its source
@@ -156,10 +160,10 @@ _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CAMEL_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
 _STOPWORDS = frozenset(
     """a an and are as at be but by for from has have he her his i if in into is it its me my
-    no not of on or our she so such than that the their them then there these they this those
-    to was we were what when where which while who will with you your can could should would
-    do does did done been being also only just any all some each other more most very own
-    same too how why here self none true false def return import""".split()
+    no not of on or our she so such than that the their them then there these they this
+    those to was we were what when where which while who will with you your can could
+    should would do does did done been being also only just any all some each other more
+    most very own same too how why here self none true false def return import""".split()  # noqa: SIM905
 )
 
 
@@ -170,9 +174,10 @@ def _stem(word: str) -> str:
         return word[:-3] + "y"
     if n > 5 and word.endswith("ing"):
         word = word[:-3]
-    elif n > 4 and word.endswith("ed") and not word.endswith("eed"):
-        word = word[:-2]
-    elif n > 4 and word.endswith("es") and word[-3] in "sxz":
+    elif n > 4 and (
+        (word.endswith("ed") and not word.endswith("eed"))
+        or (word.endswith("es") and word[-3] in "sxz")
+    ):
         word = word[:-2]
     elif n > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
         word = word[:-1]
@@ -417,8 +422,7 @@ class _Corpus:
     by_path: dict[str, int]
     by_name: dict[str, list[int]]  # lowercased file name -> files
     by_stem: dict[str, list[int]]  # lowercased stem -> files
-    by_symbol: dict[str, list[int]]  # lowercased symbol -> files defining it
-    by_class: dict[str, list[int]]  # capitalised symbol (exact case) -> files
+    by_symbol: dict[str, list[int]]  # symbol (exact case) -> files defining it
     tests_for: dict[int, list[int]]  # source file -> paired test files
     is_test: np.ndarray  # bool per file
 
@@ -459,24 +463,28 @@ def _pair_tests(
     files: list[IndexedFile], by_stem: dict[str, list[int]], is_test: np.ndarray
 ) -> dict[int, list[int]]:
     """Pair each test file (test_x.py, x_test.go, x.test.ts) with the source files of stem x
-    that share the most directory names with it (tests/orm/test_session.py goes with
-    lib/orm/session.py rather than lib/ext/session.py)."""
+    and the same extension that share the most directory names with it
+    (tests/orm/test_session.py goes with lib/orm/session.py rather than lib/ext/session.py)."""
     tests_for: dict[int, list[int]] = {}
     for t, f in enumerate(files):
         src_stem = _source_stem_of_test(f.path)
         if not src_stem:
             continue
-        sources = [s for s in by_stem.get(src_stem.lower(), []) if not is_test[s]]
+        suffix = PurePosixPath(f.path).suffix
+        sources = [
+            s
+            for s in by_stem.get(src_stem.lower(), [])
+            if not is_test[s] and PurePosixPath(files[s].path).suffix == suffix
+        ]
         if not sources:
             continue
         test_dirs = set(PurePosixPath(f.path).parts[:-1])
-
-        def overlap(s: int) -> int:
-            return len(test_dirs & set(PurePosixPath(files[s].path).parts[:-1]))
-
-        best = max(overlap(s) for s in sources)
+        overlap = {
+            s: len(test_dirs & set(PurePosixPath(files[s].path).parts[:-1])) for s in sources
+        }
+        best = max(overlap.values())
         for s in sources:
-            if overlap(s) == best:
+            if overlap[s] == best:
                 tests_for.setdefault(s, []).append(t)
     return tests_for
 
@@ -488,7 +496,6 @@ def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer) -> _Corpus:
     by_name: dict[str, list[int]] = {}
     by_stem: dict[str, list[int]] = {}
     by_symbol: dict[str, list[int]] = {}
-    by_class: dict[str, list[int]] = {}
     for i, f in enumerate(files):
         p = PurePosixPath(f.path)
         by_name.setdefault(p.name.lower(), []).append(i)
@@ -496,9 +503,7 @@ def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer) -> _Corpus:
         for sym in f.analysis.symbols:
             if len(sym) < 3 or sym.startswith("__"):
                 continue
-            by_symbol.setdefault(sym.lower(), []).append(i)
-            if sym[0].isupper():
-                by_class.setdefault(sym, []).append(i)
+            by_symbol.setdefault(sym, []).append(i)
         # The path's words count in every chunk: "settings" finds settings.py anywhere in it.
         path_tokens = tokenizer(f.path.replace(".", " "))
         starts.append(len(docs))
@@ -523,7 +528,6 @@ def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer) -> _Corpus:
         by_name=by_name,
         by_stem=by_stem,
         by_symbol=by_symbol,
-        by_class=by_class,
         tests_for=tests_for,
         is_test=is_test,
     )
@@ -533,7 +537,8 @@ def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer) -> _Corpus:
 
 _PATHLIKE_RE = re.compile(r"[\w.\-/]*[\w\-]\.[A-Za-z0-9]+|[\w.\-]+(?:/[\w.\-]+)+")
 _BACKTICK_RE = re.compile(r"`([^`\n]+)`")
-_CALL_RE = re.compile(r"([A-Za-z_][\w.]*)\s*\(")
+_CALL_RE = re.compile(r"([A-Za-z_][\w.]*)\(")
+_DOTTED_NAME_RE = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*(?:\(\))?")
 
 
 @dataclass
@@ -541,6 +546,7 @@ class _Mentions:
     pathlike: set[str]  # tokens that look like paths or file names
     words: set[str]  # every identifier-ish word, lowercased
     identifiers: set[str]  # identifier-like words (snake, camel, dotted, backticked, called)
+    # as written: symbols match case-sensitively, so `misc` does not find class Misc
     capitalised: set[str]  # plain words starting with a capital letter (exact case)
 
 
@@ -555,21 +561,24 @@ def _mentions(requirement: str) -> _Mentions:
         words.add(w.lower())
         inner = w.strip("_")
         if "_" in inner or re.search(r"[a-z][A-Z]", inner):
-            identifiers.add(w.lower())
+            identifiers.add(w)
         elif w[0].isupper() and len(w) > 3:
             capitalised.add(w)
+    # A backticked name (`parse`, ``Session.merge()``) or a call (parse(...)) marks even a
+    # plain word as code; words inside a longer backticked expression (`mode=memory`) do not.
     for m in _BACKTICK_RE.finditer(requirement):
-        for w in _IDENT_RE.findall(m.group(1)):
-            identifiers.add(w.lower())
+        code = m.group(1).strip()
+        if _DOTTED_NAME_RE.fullmatch(code):
+            identifiers.update(_IDENT_RE.findall(code))
     for m in _CALL_RE.finditer(requirement):
         for w in m.group(1).split("."):
             if w:
-                identifiers.add(w.lower())
+                identifiers.add(w)
     for p in pathlike:  # "Foo.bar" written as a dotted name
         if "/" not in p:
             for w in p.split("."):
                 if "_" in w.strip("_") or re.search(r"[a-z][A-Z]", w):
-                    identifiers.add(w.lower())
+                    identifiers.add(w)
     return _Mentions(pathlike, words, identifiers, capitalised)
 
 
@@ -577,19 +586,42 @@ def _add(boosts: dict[int, list[tuple[float, str]]], i: int, value: float, reaso
     boosts.setdefault(i, []).append((value, reason))
 
 
+def _rarity(corpus: _Corpus, tokenizer: Tokenizer, word: str) -> float:
+    """How rare a word is across the files, from 0 (in every file) to 1 (in one file): a
+    normalised inverse document frequency. A file named after a rare word ("mssqlpython")
+    is a stronger hint than one named after a common one ("session", "performance")."""
+    tokens = tokenizer.identifier(word)
+    n = len(corpus.files)
+    if not tokens or corpus.retriever is None or n < 2:
+        return 1.0
+    ids = corpus.retriever.get_tokens_ids([tokens[-1]])
+    if not ids:
+        return 1.0
+    present = corpus.retriever.get_scores_from_ids(ids) > 0
+    df = int(np.count_nonzero(np.maximum.reduceat(present.astype(np.int8), corpus.chunk_starts)))
+    return float(min(1.0, max(0.0, np.log((n + 1) / (df + 0.5)) / np.log(n + 1))))
+
+
 def _mention_boosts(
-    corpus: _Corpus, mentions: _Mentions, w: RankWeights
+    corpus: _Corpus, mentions: _Mentions, w: RankWeights, tokenizer: Tokenizer
 ) -> dict[int, list[tuple[float, str]]]:
     boosts: dict[int, list[tuple[float, str]]] = {}
     path_hit: set[int] = set()
     for token in sorted(mentions.pathlike):
         if "/" in token:
-            hits = [i for p, i in corpus.by_path.items() if p == token or p.endswith("/" + token)]
+            exact = corpus.by_path.get(token)
+            hits = (
+                [exact]
+                if exact is not None
+                else [i for p, i in corpus.by_path.items() if p.endswith("/" + token)]
+            )
             for i in hits:
                 _add(boosts, i, w.path_mentioned / len(hits), f"path mentioned: {token}")
                 path_hit.add(i)
         else:
             hits = corpus.by_name.get(token.lower(), [])
+            exact = [i for i in hits if PurePosixPath(corpus.files[i].path).name == token]
+            hits = exact or hits
             for i in hits:
                 if i not in path_hit:
                     _add(boosts, i, w.name_mentioned / len(hits), f"file name mentioned: {token}")
@@ -598,22 +630,30 @@ def _mention_boosts(
         if word in _GENERIC_STEMS or len(word) < 3:
             continue
         hits = [i for i in corpus.by_stem.get(word, []) if i not in path_hit]
-        for i in hits:
-            _add(boosts, i, w.stem_mentioned / len(hits), f"file stem mentioned: {word}")
+        if hits:
+            value = w.stem_mentioned * _rarity(corpus, tokenizer, word) / len(hits)
+            for i in hits:
+                _add(boosts, i, value, f"file stem mentioned: {word}")
     symbol_boost: dict[int, float] = {}
     symbol_reasons: dict[int, list[str]] = {}
     for ident in sorted(mentions.identifiers):
         hits = corpus.by_symbol.get(ident, [])
-        for i in hits:
-            symbol_boost[i] = symbol_boost.get(i, 0.0) + w.symbol_mentioned / len(hits)
-            symbol_reasons.setdefault(i, []).append(ident)
+        if hits:
+            floor = w.symbol_rarity_floor
+            rarity = floor + (1 - floor) * _rarity(corpus, tokenizer, ident)
+            value = w.symbol_mentioned * rarity / len(hits)
+            for i in hits:
+                symbol_boost[i] = symbol_boost.get(i, 0.0) + value
+                symbol_reasons.setdefault(i, []).append(ident)
     for word in sorted(mentions.capitalised):
-        if word.lower() in mentions.identifiers:
+        if word in mentions.identifiers:
             continue
-        hits = corpus.by_class.get(word, [])
-        for i in hits:
-            symbol_boost[i] = symbol_boost.get(i, 0.0) + w.symbol_word / len(hits)
-            symbol_reasons.setdefault(i, []).append(word)
+        hits = corpus.by_symbol.get(word, [])
+        if hits:
+            value = w.symbol_word * _rarity(corpus, tokenizer, word) / len(hits)
+            for i in hits:
+                symbol_boost[i] = symbol_boost.get(i, 0.0) + value
+                symbol_reasons.setdefault(i, []).append(word)
     for i, value in symbol_boost.items():
         names = ", ".join(symbol_reasons[i][:3])
         _add(boosts, i, min(value, w.symbol_cap), f"defines {names}")
@@ -652,7 +692,14 @@ class RepoIndex:
         return self.cache_dir / CACHE_FILE_NAME
 
     def _cache_header(self) -> dict:
-        return {"version": ANALYSIS_VERSION, "chunk_lines": self.options.chunk_lines}
+        # Everything a cached analysis depends on besides the blob's content.
+        o = self.options
+        return {
+            "version": ANALYSIS_VERSION,
+            "chunk_lines": o.chunk_lines,
+            "binary_probe_bytes": o.binary_probe_bytes,
+            "generated_probe_lines": o.generated_probe_lines,
+        }
 
     def _load_cache(self) -> dict[str, FileAnalysis]:
         try:
@@ -800,7 +847,7 @@ class RepoIndex:
                         more = f", {matching} matching chunks" if matching > 1 else ""
                         reasons[int(i)] = [f"text match {scores[i]:.2f} ({where}{more})"]
 
-        for i, items in _mention_boosts(corpus, _mentions(requirement), w).items():
+        for i, items in _mention_boosts(corpus, _mentions(requirement), w, self._tokenizer).items():
             for value, why in items:
                 scores[i] += value
                 reasons.setdefault(i, []).append(f"{why} (+{value:.2f})")
@@ -849,7 +896,12 @@ def _truncate(text: str, budget: int, count_tokens: Callable[[str], int]) -> str
             head += "\n"
         return head + TRUNCATION_MARKER + "\n"
 
-    lo, hi = 0, len(lines)  # invariant: cut(lo) fits, or lo == 0
+    # Gallop to the first prefix that does not fit, then bisect: the strings counted stay
+    # near the budget's size even when the file is much larger.
+    lo, hi = 0, 1  # cut(lo) fits (or lo == 0); look for the last n in [lo, hi] that fits
+    while hi <= len(lines) and count_tokens(cut(hi)) <= budget:
+        lo, hi = hi, hi * 2
+    hi = min(hi - 1, len(lines))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if count_tokens(cut(mid)) <= budget:
@@ -900,4 +952,3 @@ def pack(
         out.append(ContextFile(item.path, cut, truncated=True))
         remaining -= count_tokens(cut)
     return out
-

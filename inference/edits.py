@@ -46,18 +46,10 @@ FORMATS: tuple[str, ...] = ("whole", "search_replace")
 
 # File extensions and extension-less names that make a token a file path with confidence.
 _KNOWN_EXT = frozenset(
-    """py pyi pyx pxd ipynb js jsx mjs cjs ts tsx json jsonc json5 yaml yml toml ini cfg conf
-    md markdown mdx rst txt adoc html htm css scss sass less sql sh bash zsh fish ps1 bat cmd
-    rs go mod sum java kt kts scala groovy swift c h cc cpp cxx hpp hh hxx m mm cs fs vb rb
-    erb php pl pm lua r jl dart ex exs erl hrl hs elm ml mli clj cljs vue svelte astro xml xsl
-    svg csv tsv lock env gradle properties tf tfvars hcl proto graphql gql dockerfile mk cmake
-    in tpl j2 jinja jinja2 vim el nix zig nim sol bzl bazel cue rego pem key crt cer tex bib
-    gitignore gitattributes editorconfig dockerignore""".split()
+    ["py", "pyi", "pyx", "pxd", "ipynb", "js", "jsx", "mjs", "cjs", "ts", "tsx", "json", "jsonc", "json5", "yaml", "yml", "toml", "ini", "cfg", "conf", "md", "markdown", "mdx", "rst", "txt", "adoc", "html", "htm", "css", "scss", "sass", "less", "sql", "sh", "bash", "zsh", "fish", "ps1", "bat", "cmd", "rs", "go", "mod", "sum", "java", "kt", "kts", "scala", "groovy", "swift", "c", "h", "cc", "cpp", "cxx", "hpp", "hh", "hxx", "m", "mm", "cs", "fs", "vb", "rb", "erb", "php", "pl", "pm", "lua", "r", "jl", "dart", "ex", "exs", "erl", "hrl", "hs", "elm", "ml", "mli", "clj", "cljs", "vue", "svelte", "astro", "xml", "xsl", "svg", "csv", "tsv", "lock", "env", "gradle", "properties", "tf", "tfvars", "hcl", "proto", "graphql", "gql", "dockerfile", "mk", "cmake", "in", "tpl", "j2", "jinja", "jinja2", "vim", "el", "nix", "zig", "nim", "sol", "bzl", "bazel", "cue", "rego", "pem", "key", "crt", "cer", "tex", "bib", "gitignore", "gitattributes", "editorconfig", "dockerignore"]
 )
 _KNOWN_NAMES = frozenset(
-    """makefile gnumakefile dockerfile containerfile license licence copying readme changelog
-    procfile gemfile rakefile jenkinsfile vagrantfile justfile codeowners authors notice
-    brewfile pipfile caddyfile""".split()
+    ["makefile", "gnumakefile", "dockerfile", "containerfile", "license", "licence", "copying", "readme", "changelog", "procfile", "gemfile", "rakefile", "jenkinsfile", "vagrantfile", "justfile", "codeowners", "authors", "notice", "brewfile", "pipfile", "caddyfile"]
 )
 _PATH_CHARS = re.compile(r"^[\w.\-/\\~@+:]+$")
 _HAS_LETTER = re.compile(r"[^\W\d_]")
@@ -85,8 +77,7 @@ def normalize_path(raw: str) -> str:
     while s != prev:
         prev = s
         s = s.strip(_WRAPPERS)
-        if s.endswith(":"):
-            s = s[:-1]
+        s = s.removesuffix(":")
     s = s.replace("\\", "/")
     absolute = s.startswith("/")
     parts = [p for p in s.split("/") if p not in ("", ".")]
@@ -139,8 +130,7 @@ def _path_from_line(line: str, *, allow_prose: bool = True) -> str | None:
     while bare != prev:
         prev = bare
         bare = bare.strip(_WRAPPERS)
-        if bare.endswith(":"):
-            bare = bare[:-1]
+        bare = bare.removesuffix(":")
     if bare and not any(ch.isspace() for ch in bare):
         return normalize_path(bare) if _path_strength(bare) else None
     if not allow_prose:
@@ -227,11 +217,38 @@ def _starts_file(lines: list[str], body_start: int, index: int, fence: _Fence) -
     return j >= body_start and _path_from_line(lines[j], allow_prose=False) is not None
 
 
-def _path_before(lines: list[str], index: int, stop: int) -> str | None:
+# What a fence's language says about the file in it, for paths only mentioned in prose:
+# "Run `pytest tests/test_app.py`:" above a ```bash block does not make that block the
+# new content of tests/test_app.py.
+_NOT_A_FILE = frozenset()
+_LANGUAGE_EXT: dict[str, frozenset[str]] = {
+    **dict.fromkeys(("python", "py", "python3"), frozenset({"py", "pyi", "pyw"})),
+    **dict.fromkeys(("bash", "sh", "shell", "zsh"), frozenset({"sh", "bash", "zsh"})),
+    **dict.fromkeys(("console", "shell-session", "terminal", "output", "pycon"), _NOT_A_FILE),
+    **dict.fromkeys(("javascript", "js"), frozenset({"js", "mjs", "cjs", "jsx"})),
+    **dict.fromkeys(("typescript", "ts"), frozenset({"ts", "tsx", "mts", "cts"})),
+    **dict.fromkeys(("yaml", "yml"), frozenset({"yaml", "yml"})),
+    "json": frozenset({"json", "jsonc", "json5"}),
+    "toml": frozenset({"toml"}),
+}
+
+
+def _language_fits(info: str, path: str) -> bool:
+    words = info.split()
+    lang = words[0].lower() if words else ""
+    allowed = _LANGUAGE_EXT.get(lang)
+    if allowed is None:
+        return True
+    name = path.rsplit("/", 1)[-1].lower()
+    return "." in name and name.rsplit(".", 1)[1] in allowed
+
+
+def _path_before(lines: list[str], index: int, stop: int, info: str = "") -> str | None:
     """The path named just above `lines[index]`, looking no further up than `stop`.
 
-    The nearest non-blank line may be prose that mentions the path (`Here is x.py:`);
-    up to two more lines above it are accepted only when they are a bare path.
+    The nearest non-blank line may be prose that mentions the path (`Here is x.py:`) if
+    the fence's language (`info`) fits the path; up to two more lines above it are
+    accepted only when they are a bare path.
     Fence lines are skipped, but a path on a fence's info line counts.
     """
     seen = 0
@@ -249,9 +266,13 @@ def _path_before(lines: list[str], index: int, stop: int) -> str | None:
             continue
         if _SEARCH.match(line) or _DIVIDER.match(line) or _REPLACE.match(line):
             return None
-        path = _path_from_line(line, allow_prose=seen == 0)
+        path = _path_from_line(line, allow_prose=False)
         if path:
             return path
+        if seen == 0:
+            path = _path_from_line(line)
+            if path:
+                return path if _language_fits(info, path) else None
         seen += 1
     return None
 
@@ -290,7 +311,7 @@ def _parse_whole(text: str) -> ParsedEdits:
         if fence is None:
             i += 1
             continue
-        path = _path_from_info(fence.info) or _path_before(lines, i, stop)
+        path = _path_from_info(fence.info) or _path_before(lines, i, stop, fence.info)
         body_start = i + 1
         depth = 0
         j = body_start
@@ -298,12 +319,12 @@ def _parse_whole(text: str) -> ParsedEdits:
         next_start = n
         while j < n:
             line = lines[j]
-            if _is_close(line, fence):
-                if depth == 0:
-                    end_reason = "closed"
-                    next_start = j + 1
-                    break
-                depth -= 1
+            if depth > 0 and _is_close(line, _Fence(fence.char, 3, "")):
+                depth -= 1  # closes a fenced example inside the file
+            elif _is_close(line, fence):
+                end_reason = "closed"
+                next_start = j + 1
+                break
             else:
                 inner = _fence_open(line)
                 if inner is not None and inner.info and inner.char == fence.char:
@@ -422,12 +443,17 @@ def _parse_search_replace(text: str) -> ParsedEdits:
 class EditRejected(Exception):
     """An edit may not or cannot be applied. The message is written for the requester.
 
-    `reasons` holds one sentence per refusal (the message joins them with newlines).
+    `reasons` holds one sentence per problem (the message joins them with newlines).
+    `refused` is True when a rule forbids the edit (a protected path, outside the
+    repository, too big): asking the model again would not help. It is False when the
+    edit merely did not fit the file (a SEARCH that matches nowhere or in several places),
+    which a new attempt, told the reason, may well fix.
     """
 
-    def __init__(self, message: str, *, reasons: tuple[str, ...] = ()):
+    def __init__(self, message: str, *, reasons: tuple[str, ...] = (), refused: bool = True):
         super().__init__(message)
         self.reasons = reasons or (message,)
+        self.refused = refused
 
 
 def _refuse(reasons: list[str]) -> None:
@@ -450,8 +476,9 @@ def _first_match(globs: list[str], candidates: list[str]) -> str | None:
 
 @dataclass(frozen=True)
 class _Target:
-    rel: str  # canonical repository-relative path, as reported to the requester
+    rel: str  # canonical repository-relative path, as the edit named it
     real: Path  # where the bytes go, symbolic links resolved
+    real_rel: str  # `real` relative to the repository: the file that changes
 
 
 def _check_path(raw: str, repo_real: Path, config: RepoConfig) -> tuple[_Target | None, str | None]:
@@ -499,7 +526,16 @@ def _check_path(raw: str, repo_real: Path, config: RepoConfig) -> tuple[_Target 
             blocker = parent.relative_to(repo_real).as_posix()
             return None, f"refused: {rel} cannot be written because {blocker} is a file"
         parent = parent.parent
-    return _Target(rel, real), None
+    return _Target(rel, real, real_rel), None
+
+
+def _encode(rel: str, text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EditRejected(
+            f"refused: {rel} would contain characters that cannot be written as UTF-8"
+        ) from None
 
 
 def _content_problem(rel: str, data: bytes, config: RepoConfig) -> str | None:
@@ -539,7 +575,7 @@ def _targets(edits: list[FileEdit], repo_dir: Path, config: RepoConfig) -> list[
         assert target is not None
         targets.append(target)
         if edit.content is not None:
-            data = edit.content.encode("utf-8", "surrogatepass")
+            data = _encode(target.rel, edit.content)
             if data and not data.endswith(b"\n"):
                 data += b"\n"
             reason = _content_problem(target.rel, data, config)
@@ -550,8 +586,8 @@ def _targets(edits: list[FileEdit], repo_dir: Path, config: RepoConfig) -> list[
                 break
             if "\x00" in r.replace:
                 reason = f"refused: {target.rel} would contain NUL bytes (binary content)"
-            elif len(r.replace.encode("utf-8", "surrogatepass")) > config.max_file_bytes:
-                reason = _content_problem(target.rel, r.replace.encode("utf-8", "surrogatepass"), config)
+            else:
+                reason = _content_problem(target.rel, _encode(target.rel, r.replace), config)
         if reason and reason not in reasons:
             reasons.append(reason)
     _refuse(reasons)
@@ -563,8 +599,9 @@ def _targets(edits: list[FileEdit], repo_dir: Path, config: RepoConfig) -> list[
 
 @dataclass
 class _File:
-    rel: str
+    rel: str  # as the edit named it, for messages
     real: Path
+    real_rel: str  # the file that changes, relative to the repository
     old: bytes | None  # None: the file does not exist yet
     text: str | None  # current text (LF line endings); None until needed for a non-UTF-8 file
     crlf: bool
@@ -582,16 +619,15 @@ def _load(target: _Target) -> _File:
         if text is not None and crlf:
             text = text.replace("\r\n", "\n")
         trailing = old.endswith(b"\n") or not old
-        return _File(target.rel, target.real, old, text, crlf, trailing)
-    return _File(target.rel, target.real, None, "", False, True)
+        return _File(target.rel, target.real, target.real_rel, old, text, crlf, trailing)
+    return _File(target.rel, target.real, target.real_rel, None, "", False, True)
 
 
 def _lines(text: str) -> list[str]:
     """Lines of a text, without their endings; a missing final newline is tolerated."""
     if not text:
         return []
-    if text.endswith("\n"):
-        text = text[:-1]
+    text = text.removesuffix("\n")
     return text.split("\n")
 
 
@@ -640,7 +676,7 @@ def _reindent(replace: list[str], search: list[str], found: list[str]) -> list[s
         return [extra + r if r.strip() else r for r in replace]
     if s_ind.startswith(f_ind):
         cut = s_ind[len(f_ind) :]
-        return [r[len(cut) :] if r.startswith(cut) else r for r in replace]
+        return [r.removeprefix(cut) for r in replace]
     return replace
 
 
@@ -654,7 +690,8 @@ def _apply_replacement(f: _File, sr: SearchReplace) -> None:
     if f.old is None and not text:
         raise EditRejected(
             f"could not edit {f.rel}: the file does not exist, so its SEARCH text cannot match "
-            "(leave SEARCH empty to create a new file)"
+            "(leave SEARCH empty to create a new file)",
+            refused=False,
         )
     hay = _lines(text)
     needle = _lines(sr.search)
@@ -663,12 +700,14 @@ def _apply_replacement(f: _File, sr: SearchReplace) -> None:
     if not hits:
         raise EditRejected(
             f"could not edit {f.rel}: the SEARCH text was not found in the file "
-            f"(first SEARCH line: {first!r})"
+            f"(first SEARCH line: {first!r})",
+            refused=False,
         )
     if len(hits) > 1:
         raise EditRejected(
             f"could not edit {f.rel}: the SEARCH text matches {len(hits)} places "
-            f"(first SEARCH line: {first!r}); include more lines to make it unique"
+            f"(first SEARCH line: {first!r}); include more lines to make it unique",
+            refused=False,
         )
     k = hits[0]
     new = _lines(sr.replace)
@@ -684,7 +723,7 @@ def _final_bytes(f: _File) -> bytes:
         text = text[:-1]
     if f.crlf:
         text = text.replace("\n", "\r\n")
-    return text.encode("utf-8", "surrogatepass")
+    return _encode(f.rel, text)
 
 
 def apply_edits(edits: list[FileEdit], repo_dir: Path, config: RepoConfig) -> list[str]:
@@ -727,7 +766,7 @@ def apply_edits(edits: list[FileEdit], repo_dir: Path, config: RepoConfig) -> li
         planned.append((f, data))
     _refuse(reasons)
     _write_all(planned)
-    return sorted(f.rel for f, _ in planned)
+    return sorted(f.real_rel for f, _ in planned)
 
 
 def _write_all(planned: list[tuple[_File, bytes]]) -> None:

@@ -106,6 +106,13 @@ def build_prompt(
     stop: tuple[str, ...] = ()
     if prefill_file is not None and edit_format == "whole":
         body = prefill_file.text.rstrip("\n")
-        prefix = f"{prefill_file.path}\n```{fence_lang(prefill_file.path)}\n{body}\n\n"
-        stop = ("```",)
+        lang = fence_lang(prefill_file.path)
+        if lang == "python":
+            # Two blank lines in the answer end it: a small model writes one top-level
+            # definition and stops, instead of rambling into a truncated one.
+            prefix = f"{prefill_file.path}\n```{lang}\n{body}\n\n"
+            stop = ("```", "\n\n\n")
+        else:
+            prefix = f"{prefill_file.path}\n```{lang}\n{body}\n\n"
+            stop = ("```",)
     return Prompt(messages=messages, prefix=prefix, stop=stop, edit_format=edit_format)

@@ -204,7 +204,7 @@ def _generate_in_thread(
         try:
             gen = backend.generate(messages, params, on_text=lambda t: events.put(("text", t)))
             events.put(("done", gen))
-        except BaseException as exc:  # reported to the request
+        except BaseException as exc:  # noqa: BLE001 - reported to the request
             events.put(("error", exc))
 
     threading.Thread(target=work, name="openai-server-generate", daemon=True).start()
@@ -231,8 +231,14 @@ def build_app(
         return _error(400, f"{known}However, your request is too long: {exc}")
 
     async def models(request: Request) -> Response:
-        card = {"id": served_name, "object": "model", "created": int(time.time()),
-                "owned_by": "codeloop", "root": served_name, "max_model_len": limit()}
+        card = {
+            "id": served_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "codeloop",
+            "root": served_name,
+            "max_model_len": limit(),
+        }
         return JSONResponse({"object": "list", "data": [card]})
 
     async def chat_completions(request: Request) -> Response:
@@ -283,15 +289,22 @@ def build_app(
             cut = _StopCut(params.stop)
             text = cut.feed("".join(pieces)) + cut.flush()
             finish = "stop" if cut.stopped else gen.finish_reason
-            return JSONResponse({
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}],
-                "usage": _usage(gen),
-            })
+            return JSONResponse(
+                {
+                    "id": f"chatcmpl-{uuid.uuid4().hex}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": finish,
+                        }
+                    ],
+                    "usage": _usage(gen),
+                }
+            )
 
         # Errors before the first token (a prompt too long) are HTTP errors, as in vLLM.
         first = await run_in_threadpool(events.get)
@@ -304,10 +317,12 @@ def build_app(
             media_type="text/event-stream",
         )
 
-    return Starlette(routes=[
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        ]
+    )
 
 
 def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -> Iterator[bytes]:
@@ -316,8 +331,13 @@ def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list, usage: dict | None = None) -> bytes:
-        data = {"id": ident, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": choices}
+        data = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
         if usage is not None:
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n".encode()
@@ -325,8 +345,9 @@ def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -
     def delta(content: str) -> bytes:
         return chunk([{"index": 0, "delta": {"content": content}, "finish_reason": None}])
 
-    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                  "finish_reason": None}])
+    yield chunk(
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    )
     cut = _StopCut(tuple(stop))
     event = first
     while True:
@@ -336,8 +357,14 @@ def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -
             if out:
                 yield delta(out)
         elif kind == "error":  # mid-stream failure: vLLM sends an error event
-            body = {"error": {"message": f"generation failed: {value}",
-                              "type": "InternalServerError", "param": None, "code": 500}}
+            body = {
+                "error": {
+                    "message": f"generation failed: {value}",
+                    "type": "InternalServerError",
+                    "param": None,
+                    "code": 500,
+                }
+            }
             yield f"data: {json.dumps(body)}\n\n".encode()
             return
         else:

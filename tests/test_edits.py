@@ -360,6 +360,10 @@ def test_check_follows_symlinks_inside_repo(repo):
     assert ".git/" in refused(FileEdit("gitdir/config", content="x\n"), repo)
     (repo / "alias.py").symlink_to(repo / "src" / "app.py")
     check_edits([FileEdit("alias.py", content="x\n")], repo, CONFIG)
+    # The file that changes is the link's target, and that is the path reported.
+    assert apply_edits([FileEdit("alias.py", content="x = 2\n")], repo, CONFIG) == ["src/app.py"]
+    assert (repo / "src" / "app.py").read_text() == "x = 2\n"
+    assert (repo / "alias.py").is_symlink()
 
 
 def test_check_allowed_paths_size_and_nul(repo):
@@ -435,11 +439,13 @@ def test_apply_one_bad_edit_writes_nothing(repo):
     with pytest.raises(EditRejected) as info:
         apply_edits(edits, repo, CONFIG)
     assert "src/app.py" in str(info.value) and "no such line" in str(info.value)
+    assert info.value.refused is False  # a mismatch is worth another attempt
     assert snapshot(repo) == before
     assert not (repo / "src/new.py").exists()
     # A refused path among good edits: nothing is written either.
-    with pytest.raises(EditRejected):
+    with pytest.raises(EditRejected) as info:
         apply_edits([FileEdit("src/new.py", content="X\n"), FileEdit(".env", content="K=1\n")], repo, CONFIG)
+    assert info.value.refused is True
     assert snapshot(repo) == before
     assert not any(p.name.startswith(".codeloop-") for p in repo.rglob("*"))
 
@@ -648,3 +654,15 @@ def test_search_replace_round_trip(blocks):
             SearchReplace("".join(s + "\n" for s in search), "".join(r + "\n" for r in replace))
         )
     assert {e.path: list(e.replacements) for e in parsed.edits} == expected
+
+
+def test_whole_shell_example_mentioning_a_file_is_not_that_file():
+    text = (
+        "Then run `pytest tests/test_app.py`:\n```bash\npytest -q\n```\n"
+        "Updated `tests/test_app.py`:\n```python\ndef test_ok():\n    pass\n```\n"
+    )
+    parsed = parse_edits(text, "whole")
+    assert [(e.path, e.content) for e in parsed.edits] == [
+        ("tests/test_app.py", "def test_ok():\n    pass\n")
+    ]
+    assert parsed.problems[0].startswith("code block without a file path")

@@ -23,7 +23,9 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Self
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
@@ -82,7 +84,8 @@ class OpenAIBackend:
         """`backoff_seconds` is the first retry's nominal delay; each retry doubles it, up to
         `max_backoff_seconds`, with random jitter. A server's Retry-After header wins."""
         self.settings = settings
-        self.base_url = settings.base_url.rstrip("/")
+        self._url = settings.base_url.rstrip("/")
+        self.base_url = _without_userinfo(self._url)  # for messages and logs
         self.model = settings.model
         self.name = f"openai:{settings.model}"
         self._count = tokenizer_counter
@@ -90,7 +93,7 @@ class OpenAIBackend:
         self._max_backoff = max_backoff_seconds
         self._sleep = sleep
         self._client = openai.OpenAI(
-            base_url=self.base_url,
+            base_url=self._url,
             api_key=settings.api_key.get_secret_value(),
             timeout=settings.timeout_seconds,
             max_retries=0,  # retries are ours, so only streams with no tokens yet are retried
@@ -102,7 +105,7 @@ class OpenAIBackend:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> OpenAIBackend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -147,13 +150,13 @@ class OpenAIBackend:
     # ------------------------------------------------------------------ request
     def _request(self, messages: list[Message], params: GenerationParams) -> dict:
         chat = [{"role": m.role, "content": m.content} for m in messages]
-        kwargs: dict = dict(
-            model=params.model or self.model,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        kwargs: dict = {
+            "model": params.model or self.model,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if params.stop:
             kwargs["stop"] = list(params.stop)
         if params.prefix and self.settings.supports_prefill:
@@ -179,7 +182,7 @@ class OpenAIBackend:
             try:
                 stream = self._open(kwargs, model)
                 with stream:
-                    pieces = self._pieces(stream, stats)
+                    pieces = self._pieces(stream, stats, model)
                     for piece in _without_echo(pieces, echo) if echo else pieces:
                         streamed = True
                         yield piece
@@ -203,7 +206,7 @@ class OpenAIBackend:
         except openai.APIError as exc:
             raise self._translate(exc, model) from exc
 
-    def _pieces(self, stream, stats: dict) -> Iterator[str]:
+    def _pieces(self, stream, stats: dict, model: str) -> Iterator[str]:
         try:
             for chunk in stream:
                 if chunk.model:
@@ -219,7 +222,7 @@ class OpenAIBackend:
                     if choice.delta is not None and choice.delta.content:
                         yield choice.delta.content
         except openai.APIError as exc:  # an error event in the stream, or the connection broke
-            raise self._translate(exc, stats.get("model", self.model)) from exc
+            raise self._translate(exc, model) from exc
         except _TRANSPORT_ERRORS as exc:
             raise _Retry(f"the connection broke: {exc}") from exc
 
@@ -265,7 +268,9 @@ class OpenAIBackend:
             )
         if status == 404:
             return BackendError(self._not_found(model, message))
-        return BackendError(f"the model server at {self.base_url} answered HTTP {status}: {message}")
+        return BackendError(
+            f"the model server at {self.base_url} answered HTTP {status}: {message}"
+        )
 
     def _not_found(self, model: str, message: str) -> str:
         try:  # one try: this only words an error that is already certain
@@ -328,6 +333,13 @@ def _without_echo(pieces: Iterator[str], prefix: str) -> Iterator[str]:
     # The answer ended while it still looked like (part of) the prefix: nothing follows it.
 
 
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def _server_message(exc: openai.APIError) -> str:
     body = exc.body
     if isinstance(body, dict):
@@ -386,5 +398,5 @@ def _retry_after(response) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

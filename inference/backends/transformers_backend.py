@@ -91,7 +91,7 @@ class TransformersBackend:
         else:
             kwargs.update(do_sample=False)
         if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            kwargs.update(stopping_criteria=[_StopOnText(self.tokenizer, prompt_tokens, params.stop)])
         result: dict = {}
 
         def work() -> None:
@@ -144,3 +144,21 @@ class TransformersBackend:
             seconds=time.perf_counter() - started,
             finish_reason=stats.get("finish_reason", "stop"),
         )
+
+
+class _StopOnText:
+    """Stops when a stop string appears in the generated text (never in the prompt, unlike
+    transformers' stop_strings, which also match across the prompt boundary). OpenAI-style
+    servers match stop strings the same way."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.stops = stops
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        text = self.tokenizer.decode(input_ids[0, self.prompt_tokens :], skip_special_tokens=True)
+        done = any(stop in text for stop in self.stops)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,202 @@
+"""The pipeline against real git repositories, a real store and the real sandbox; the model
+answer comes from a scripted backend (a fake at the Backend port) so each case is exact."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from sqlalchemy import func, select
+
+from bot import jobs
+from bot.runtime import build_runtime, execute
+from bot.store.models import EditFormatStat, Job, JobStage, PullRequest, Revision
+from tests.conftest import git_out
+from tests.fakes import ScriptedBackend
+
+GOOD = '''textutil.py
+```python
+"""Small text helpers."""
+
+
+def slugify(text):
+    """Lower-case words joined by dashes."""
+    return "-".join(text.lower().split())
+
+
+def shout(text):
+    """Upper-case text with an exclamation mark."""
+    return text.upper() + "!"
+
+
+def whisper(text):
+    return text.lower() + "..."
+```
+'''
+
+
+def branches(repo) -> list[str]:
+    return [b.strip() for b in git_out(repo, "branch", "--format=%(refname:short)").splitlines()]
+
+
+def submit(runtime, repo, text="Add a whisper(text) helper"):
+    return jobs.submit(runtime.store, source="cli", repo=str(repo), requirement=text, max_bytes=100_000)
+
+
+def test_requirement_becomes_validated_pull_request(settings, sample_repo):
+    runtime = build_runtime(settings, backend=ScriptedBackend(GOOD))
+    sub = submit(runtime, sample_repo)
+    outcome = execute(runtime, sub.job_id)
+    assert outcome.state == "succeeded", outcome.error
+    branch = outcome.result["branch"]
+    assert branch.startswith("codeloop/1-add-a-whisper")
+    assert branch in branches(sample_repo)
+    # The branch holds one commit on top of main whose tests pass.
+    assert git_out(sample_repo, "rev-list", "--count", f"main..{branch}").strip() == "1"
+    assert "def whisper" in git_out(sample_repo, "show", f"{branch}:textutil.py")
+    with runtime.store.session() as s:
+        pr = s.scalar(select(PullRequest))
+        assert pr.state == "open" and pr.number == pr.id
+        assert "tests: passed" in pr.body and "Add a whisper(text) helper" in pr.body
+        assert [r.number for r in pr.revisions] == [1]
+        stages = [st.name for st in s.scalars(select(JobStage).order_by(JobStage.id))]
+        assert stages[:4] == ["workspace", "context", "prompt", "generate-1"]
+        assert stages[-1] == "publish"
+        stat = s.get(EditFormatStat, ("scripted", "whole"))
+        assert (stat.well_formed, stat.malformed) == (1, 0)
+    # The user's checkout is untouched.
+    assert git_out(sample_repo, "status", "--porcelain") == ""
+
+
+def test_same_request_twice_is_one_job_and_one_pull_request(settings, sample_repo):
+    runtime = build_runtime(settings, backend=ScriptedBackend(GOOD))
+    first = submit(runtime, sample_repo)
+    second = submit(runtime, sample_repo)
+    assert second.job_id == first.job_id and not second.created
+    assert execute(runtime, first.job_id).state == "succeeded"
+    assert execute(runtime, second.job_id).state == "skipped"
+    with runtime.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(PullRequest)) == 1
+    assert len([b for b in branches(sample_repo) if b.startswith("codeloop/")]) == 1
+
+
+def test_answer_without_edit_fails_with_reason_and_leaves_no_branch(sqlite_settings, sample_repo):
+    backend = ScriptedBackend("I think you should add a function. Good luck!")
+    runtime = build_runtime(sqlite_settings, backend=backend)
+    outcome = execute(runtime, submit(runtime, sample_repo).job_id)
+    assert outcome.state == "failed"
+    assert "no parsable edit" in outcome.error
+    assert len(backend.calls) == sqlite_settings.pipeline.max_attempts  # retried, then gave up
+    assert [b for b in branches(sample_repo) if b.startswith("codeloop/")] == []
+    with runtime.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(PullRequest)) == 0
+        job = s.scalar(select(Job))
+        assert job.state == "failed" and "no parsable edit" in job.error
+
+
+def test_edit_into_protected_path_is_refused(sqlite_settings, sample_repo):
+    answer = ".github/workflows/ci.yml\n```yaml\non: push\njobs: {}\n```\n"
+    backend = ScriptedBackend(answer)
+    runtime = build_runtime(sqlite_settings, backend=backend)
+    outcome = execute(runtime, submit(runtime, sample_repo, "Edit the CI workflow").job_id)
+    assert outcome.state == "failed"
+    assert ".github/workflows/ci.yml" in outcome.error and "protected" in outcome.error
+    assert len(backend.calls) == 1  # a refusal is not retried
+    assert [b for b in branches(sample_repo) if b.startswith("codeloop/")] == []
+
+
+def test_failing_tests_are_sent_back_to_the_model(sqlite_settings, sample_repo):
+    broken = GOOD.replace('return text.upper() + "!"', 'return text.upper()')
+    backend = ScriptedBackend(broken, GOOD)
+    runtime = build_runtime(sqlite_settings, backend=backend)
+    outcome = execute(runtime, submit(runtime, sample_repo).job_id)
+    assert outcome.state == "succeeded"
+    assert outcome.result["attempt"] == 2
+    retry_prompt = backend.calls[1][-1].content
+    assert "did not pass validation" in retry_prompt and "test_shout" in retry_prompt
+
+
+def test_hanging_test_command_is_killed_at_the_timeout(tmp_path, sample_repo):
+    from tests.conftest import make_settings
+    from bot.settings import PipelineSettings, SandboxSettings
+
+    (sample_repo / ".codeloop.yml").write_text("test_command: sleep 600\n")
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "slow"],
+                   cwd=sample_repo, check=True)
+    settings = make_settings(tmp_path / "home", sandbox=SandboxSettings(timeout_seconds=2),
+                             pipeline=PipelineSettings(max_attempts=1))
+    runtime = build_runtime(settings, backend=ScriptedBackend(GOOD))
+    outcome = execute(runtime, submit(runtime, sample_repo).job_id)
+    assert outcome.state == "failed"
+    assert "timed out after 2" in outcome.error
+    assert [b for b in branches(sample_repo) if b.startswith("codeloop/")] == []
+
+
+def test_request_changes_revises_the_same_pull_request(settings, sample_repo):
+    from feedback.signals import record_local_review
+
+    revised = GOOD.replace('return text.lower() + "..."', 'return text.lower() + "…"')
+    runtime = build_runtime(settings, backend=ScriptedBackend(GOOD, revised))
+    first = execute(runtime, submit(runtime, sample_repo).job_id)
+    review = record_local_review(runtime.store, first.result["pull_request_id"],
+                                 kind="changes_requested", body="Use a real ellipsis", author="rev")
+    second = execute(runtime, review.revision_job_id)
+    assert second.state == "succeeded", second.error
+    assert second.result["branch"] == first.result["branch"]
+    assert second.result["revision"] == 2
+    branch = first.result["branch"]
+    assert git_out(sample_repo, "rev-list", "--count", f"main..{branch}").strip() == "2"
+    with runtime.store.session() as s:
+        pr = s.scalar(select(PullRequest))
+        assert [r.trigger for r in pr.revisions] == ["initial", "review"]
+        assert [sig.kind for sig in pr.signals] == ["changes_requested"]
+        assert pr.signals[0].revision_id == pr.revisions[0].id
+        assert s.scalar(select(func.count()).select_from(Revision)) == 2
+
+
+def test_dirty_working_tree_is_refused(sqlite_settings, sample_repo):
+    (sample_repo / "textutil.py").write_text("# local edit\n")
+    runtime = build_runtime(sqlite_settings, backend=ScriptedBackend(GOOD))
+    outcome = execute(runtime, submit(runtime, sample_repo).job_id)
+    assert outcome.state == "failed" and "uncommitted changes" in outcome.error
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t  "])
+def test_empty_requirement_is_refused(sqlite_settings, sample_repo, text):
+    runtime = build_runtime(sqlite_settings, backend=ScriptedBackend(GOOD))
+    with pytest.raises(jobs.BadRequest, match="empty"):
+        submit(runtime, sample_repo, text)
+    with runtime.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_oversized_requirement_is_truncated_with_a_note(sqlite_settings, sample_repo):
+    runtime = build_runtime(sqlite_settings, backend=ScriptedBackend(GOOD))
+    sub = submit(runtime, sample_repo, "Add whisper. " + "x" * 200_000)
+    from bot.store.models import Request
+
+    with runtime.store.session() as s:
+        req = s.get(Request, sub.request_id)
+        assert req.truncated
+        assert len(req.requirement.encode()) < 100_200
+        assert "requirement truncated by codeloop" in req.requirement
+
+
+def test_backend_unreachable_fails_clearly(tmp_path, sample_repo):
+    import socket
+
+    from bot.settings import BackendSettings
+    from tests.conftest import make_settings
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(
+        tmp_path / "home",
+        backend=BackendSettings(kind="openai", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1),
+    )
+    runtime = build_runtime(settings)
+    outcome = execute(runtime, submit(runtime, sample_repo).job_id)
+    assert outcome.state == "failed"
+    assert f"127.0.0.1:{port}" in outcome.error
+    assert [b for b in branches(sample_repo) if b.startswith("codeloop/")] == []

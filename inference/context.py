@@ -139,14 +139,10 @@ class RankWeights:
 
     path_mentioned: float = 2.0  # the full path, or a path suffix with a directory
     name_mentioned: float = 1.0  # the file name with extension, e.g. "context.py"
-    stem_mentioned: float = 0.4  # the file name without extension, as a word
+    stem_mentioned: float = 0.4  # the file name without extension, as a word (x rarity)
     symbol_mentioned: float = 1.0  # an identifier-like mention of a symbol the file defines
-    symbol_word: float = 0.4  # a capitalised plain word equal to a class name
+    symbol_word: float = 0.4  # a capitalised plain word equal to a class name (x rarity)
     symbol_cap: float = 1.5  # most the symbol boosts add to one file
-    # A mentioned symbol's boost scales with how rare its name is in the repository, down to
-    # this share of the full boost (1.0: no scaling): `ParamSpec` in a type checker's repo
-    # is everywhere, `compute_tax` in a billing app is not.
-    symbol_rarity_floor: float = 0.5
     extra_chunks: float = 0.1  # share of the other chunks' scores added to the best chunk
     extra_chunks_cap: float = 0.3  # ... at most this fraction of the best chunk's score
     paired_test: float = 0.9  # a paired test file scores this fraction of its source
@@ -378,8 +374,9 @@ def list_repository(repo_dir: Path) -> list[ListedFile]:
     for entry in _split_z(_git(repo_dir, "ls-files", "-s", "-z")):
         meta, _, path = entry.partition("\t")
         mode, blob, stage = meta.split(" ")
-        if path not in staged or stage == "0":
-            staged[path] = ListedFile(path, mode, blob)
+        if stage != "0":  # a merge conflict: what counts is the working-tree file
+            blob = None
+        staged[path] = ListedFile(path, mode, blob)
     deleted = set(_split_z(_git(repo_dir, "ls-files", "-d", "-z")))
     modified = set(_split_z(_git(repo_dir, "ls-files", "-m", "-z")))
     listed = []
@@ -638,13 +635,9 @@ def _mention_boosts(
     symbol_reasons: dict[int, list[str]] = {}
     for ident in sorted(mentions.identifiers):
         hits = corpus.by_symbol.get(ident, [])
-        if hits:
-            floor = w.symbol_rarity_floor
-            rarity = floor + (1 - floor) * _rarity(corpus, tokenizer, ident)
-            value = w.symbol_mentioned * rarity / len(hits)
-            for i in hits:
-                symbol_boost[i] = symbol_boost.get(i, 0.0) + value
-                symbol_reasons.setdefault(i, []).append(ident)
+        for i in hits:
+            symbol_boost[i] = symbol_boost.get(i, 0.0) + w.symbol_mentioned / len(hits)
+            symbol_reasons.setdefault(i, []).append(ident)
     for word in sorted(mentions.capitalised):
         if word in mentions.identifiers:
             continue
@@ -790,7 +783,11 @@ class RepoIndex:
         if read or keep.keys() != cached.keys():
             self._save_cache(keep)
         self._analyses = keep
-        self._corpus = _build_corpus(files, self._tokenizer)
+        same = self._corpus is not None and [(f.path, f.blob) for f in self._corpus.files] == [
+            (f.path, f.blob) for f in files
+        ]
+        if not same:
+            self._corpus = _build_corpus(files, self._tokenizer)
         self.stats = IndexStats(
             files_total=len(listed),
             files_indexed=len(files),
@@ -820,32 +817,22 @@ class RepoIndex:
             return []
         w = self.weights
         reasons: dict[int, list[str]] = {}
-        scores = np.zeros(n, dtype=np.float64)
-
+        # BM25 per chunk; per file the best chunk plus a little for other matching chunks,
+        # normalised so the best file scores 1.0 and the boosts below mean the same in
+        # every repository.
+        text = np.zeros(n, dtype=np.float64)
+        chunk_scores = np.zeros(0, dtype=np.float64)
         query = list(dict.fromkeys(self._tokenizer(requirement)))
-        if corpus.retriever is not None:
-            ids = corpus.retriever.get_tokens_ids(query)
-            if ids:
-                chunk_scores = np.asarray(
-                    corpus.retriever.get_scores_from_ids(ids), dtype=np.float64
-                )
-                best = np.maximum.reduceat(chunk_scores, corpus.chunk_starts)
-                total = np.add.reduceat(chunk_scores, corpus.chunk_starts)
-                extra = np.minimum(w.extra_chunks * (total - best), w.extra_chunks_cap * best)
-                raw = best + extra
-                top = float(raw.max())
-                if top > 0:
-                    scores = raw / top
-                    ends = np.append(corpus.chunk_starts[1:], len(chunk_scores))
-                    for i in np.flatnonzero(scores > 0):
-                        s, e = int(corpus.chunk_starts[i]), int(ends[i])
-                        local = chunk_scores[s:e]
-                        j = int(np.argmax(local))
-                        lo, hi = corpus.chunk_spans[s + j]
-                        matching = int(np.count_nonzero(local > 0))
-                        where = f"lines {lo}-{hi}" if hi else "path"
-                        more = f", {matching} matching chunks" if matching > 1 else ""
-                        reasons[int(i)] = [f"text match {scores[i]:.2f} ({where}{more})"]
+        ids = corpus.retriever.get_tokens_ids(query) if corpus.retriever is not None else []
+        if ids:
+            chunk_scores = np.asarray(corpus.retriever.get_scores_from_ids(ids), dtype=np.float64)
+            best = np.maximum.reduceat(chunk_scores, corpus.chunk_starts)
+            total = np.add.reduceat(chunk_scores, corpus.chunk_starts)
+            extra = np.minimum(w.extra_chunks * (total - best), w.extra_chunks_cap * best)
+            raw = best + extra
+            if raw.max() > 0:
+                text = raw / raw.max()
+        scores = text.copy()
 
         for i, items in _mention_boosts(corpus, _mentions(requirement), w, self._tokenizer).items():
             for value, why in items:
@@ -867,11 +854,26 @@ class RepoIndex:
         ranked = sorted(
             (int(i) for i in np.flatnonzero(scores > 0)),
             key=lambda i: (-round(float(scores[i]), 6), corpus.files[i].path),
-        )
-        return [
-            ScoredFile(corpus.files[i].path, round(float(scores[i]), 6), reasons.get(i, []))
-            for i in ranked[:k]
-        ]
+        )[:k]
+        out = []
+        for i in ranked:
+            why = _text_reason(corpus, chunk_scores, i, float(text[i])) + reasons.get(i, [])
+            out.append(ScoredFile(corpus.files[i].path, round(float(scores[i]), 6), why))
+        return out
+
+
+def _text_reason(corpus: _Corpus, chunk_scores: np.ndarray, i: int, score: float) -> list[str]:
+    """Where file `i` matched the requirement's words: its best window, how many matched."""
+    if score <= 0:
+        return []
+    start = int(corpus.chunk_starts[i])
+    end = int(corpus.chunk_starts[i + 1]) if i + 1 < len(corpus.chunk_starts) else len(chunk_scores)
+    local = chunk_scores[start:end]
+    lo, hi = corpus.chunk_spans[start + int(np.argmax(local))]
+    matching = int(np.count_nonzero(local > 0))
+    where = f"lines {lo}-{hi}" if hi else "path"
+    more = f", {matching} matching chunks" if matching > 1 else ""
+    return [f"text match {score:.2f} ({where}{more})"]
 
 
 def index_repository(

@@ -16,13 +16,12 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from bot.settings import Settings
 from bot.store.db import Store
 from bot.store.models import Job, Request, utcnow
 
@@ -270,10 +269,3 @@ def is_cancelled(store: Store, job_id: int) -> bool:
     with store.session() as s:
         return s.scalar(select(Job.state).where(Job.id == job_id)) == "cancelled"
 
-
-def lease_seconds(settings: Settings) -> int:
-    return settings.queue.lease_seconds
-
-
-def age(when: datetime | None) -> float:
-    return (utcnow() - when).total_seconds() if when else 0.0

@@ -32,7 +32,6 @@ from bot.store.models import (
     Job,
     JobStage,
     PullRequest,
-    Request,
     Revision,
     utcnow,
 )

@@ -6,7 +6,6 @@ protected path); the real model is used everywhere else.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 from bot.ports import Generation, GenerationParams, Message

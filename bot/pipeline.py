@@ -235,7 +235,6 @@ def run_job(job_id: int, ports: Ports) -> dict:
         return {"base_branch": base_branch, "start_sha": sha}
 
     ws = stages.run("workspace", stage_workspace, f"reading {Path(req['repo']).name}")
-    workdir = settings.workspaces_dir / f"job-{job_id}"
     workdir, _ = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, ws["start_sha"])
     try:
         config = parse_repo_config(git.show_file(workdir, ws["start_sha"], ".codeloop.yml"))

@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bot import jobs
+from bot import deliveries, jobs
+from bot.deliveries import Handler
 from bot.forges import Forge
 from bot.forges.local import LocalForge
 from bot.pipeline import JobCancelled, JobFailed, Ports, run_job
@@ -98,6 +99,8 @@ class Runtime:
     store: Store
     ports: Ports
     backend: LazyBackend
+    # source ("github", "slack") → handler of a stored delivery (bot.deliveries)
+    delivery_handlers: dict[str, Handler] = field(default_factory=dict)
 
     def close(self) -> None:
         self.store.close()
@@ -110,16 +113,23 @@ def build_runtime(
     forge: Forge | None = None,
 ) -> Runtime:
     """Wire the ports from settings; tests pass their own adapters for any port."""
+    from bot.notify import RoutingNotifier
+
     store = Store(settings.database_url)
     lazy = LazyBackend((lambda: backend) if backend is not None else (lambda: build_backend(settings)))
+    # Each chat/forge feature adds its notifier (by request source) and delivery handler here.
+    by_source: dict[str, Notifier] = {}
+    handlers: dict[str, Handler] = {}
     ports = Ports(
         settings=settings,
         store=store,
         forge=forge or LocalForge(),
         backend=lazy,
-        notifier=notifier or LogNotifier(),
+        notifier=notifier or RoutingNotifier(store, by_source, default=LogNotifier()),
     )
-    return Runtime(settings=settings, store=store, ports=ports, backend=lazy)
+    return Runtime(
+        settings=settings, store=store, ports=ports, backend=lazy, delivery_handlers=handlers
+    )
 
 
 @dataclass(frozen=True)
@@ -191,11 +201,22 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
     def run_job_task(job_id: int) -> str:
         return execute(runtime(), job_id).state
 
+    @huey.task(name="codeloop.handle_delivery")
+    def handle_delivery_task(delivery_pk: int) -> str:
+        rt = runtime()
+        return deliveries.handle(rt.store, delivery_pk, rt.delivery_handlers)
+
     @huey.periodic_task(crontab(minute="*"), name="codeloop.recover")
     def recover_task() -> int:
-        return recover(runtime(), run_job_task)
+        rt = runtime()
+        lost = deliveries.pending(rt.store)
+        for pk in lost:
+            log.info("delivery row %s: re-enqueued (its first enqueue was lost)", pk)
+            handle_delivery_task(pk)
+        return recover(rt, run_job_task) + len(lost)
 
     huey.codeloop_run_job = run_job_task  # type: ignore[attr-defined]
+    huey.codeloop_handle_delivery = handle_delivery_task  # type: ignore[attr-defined]
     huey.codeloop_runtime = runtime  # type: ignore[attr-defined]
     return huey
 

@@ -117,6 +117,67 @@ class SandboxSettings(BaseModel):
     ruff: bool = Field(default=True, description="Run `ruff check` on changed Python files.")
 
 
+class WebSettings(BaseModel):
+    host: str = Field(default="127.0.0.1", description="Address the web server listens on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port of the web server.")
+    public_url: str | None = Field(
+        default=None, description="URL people reach the web server at (links in messages)."
+    )
+    dashboard_token: SecretStr | None = Field(
+        default=None, description="Token that logs in to the dashboard (no token: dashboard off)."
+    )
+
+
+class ForgeSettings(BaseModel):
+    kind: Literal["local", "github"] = Field(
+        default="local",
+        description="local: repositories on this machine, branches as pull requests. "
+        "github: GitHub through the App (or a personal access token).",
+    )
+
+
+class GitHubSettings(BaseModel):
+    api_url: str = Field(
+        default="https://api.github.com", description="GitHub REST API URL (GitHub Enterprise: …/api/v3)."
+    )
+    app_id: int | None = Field(default=None, description="GitHub App id.")
+    private_key: SecretStr | None = Field(
+        default=None, description="GitHub App private key (PEM text)."
+    )
+    private_key_path: Path | None = Field(
+        default=None, description="GitHub App private key file (instead of private_key)."
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="Personal access token, for a single-repository set-up without an App.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Secret that signs webhook deliveries (X-Hub-Signature-256)."
+    )
+    bot_name: str = Field(
+        default="codeloop", description="Name that `@name` comments address the bot by."
+    )
+
+
+class SlackSettings(BaseModel):
+    bot_token: SecretStr | None = Field(default=None, description="Bot token (xoxb-…).")
+    signing_secret: SecretStr | None = Field(
+        default=None, description="Signing secret that verifies requests from Slack."
+    )
+    app_token: SecretStr | None = Field(
+        default=None, description="App-level token (xapp-…) for Socket Mode."
+    )
+    api_url: str = Field(
+        default="https://slack.com/api/", description="Slack Web API URL."
+    )
+    admins: list[str] = Field(
+        default_factory=list, description="Slack user ids allowed to run maintainer commands."
+    )
+    github_logins: dict[str, str] = Field(
+        default_factory=dict, description="Slack user id → GitHub login, to mention requesters."
+    )
+
+
 class Settings(BaseSettings):
     """Root settings object: CODELOOP_ prefix, `__` between nested names."""
 
@@ -141,6 +202,10 @@ class Settings(BaseSettings):
     sandbox: SandboxSettings = Field(
         default_factory=SandboxSettings, description="Test sandbox."
     )
+    web: WebSettings = Field(default_factory=WebSettings, description="Web server.")
+    forge: ForgeSettings = Field(default_factory=ForgeSettings, description="Where PRs go.")
+    github: GitHubSettings = Field(default_factory=GitHubSettings, description="GitHub.")
+    slack: SlackSettings = Field(default_factory=SlackSettings, description="Slack.")
 
     @property
     def database_url(self) -> str:
@@ -156,14 +221,21 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every secret value configured, for scrubbing logs and sandbox environments."""
-        out = []
-        for section in (self.backend,):
-            for name in type(section).model_fields:
-                value = getattr(section, name)
+        out: list[str] = []
+
+        def walk(model: BaseModel) -> None:
+            for name in type(model).model_fields:
+                value = getattr(model, name)
                 if isinstance(value, SecretStr):
                     raw = value.get_secret_value()
                     if raw and raw != "EMPTY":
                         out.append(raw)
+                elif isinstance(value, BaseModel):
+                    walk(value)
+
+        walk(self)
+        if self.github.private_key_path and self.github.private_key_path.is_file():
+            out.append(self.github.private_key_path.read_text().strip())
         return out
 
 

@@ -180,3 +180,27 @@ class EditFormatStat(Base):
     format: Mapped[str] = mapped_column(String(30), primary_key=True)
     well_formed: Mapped[int] = mapped_column(default=0)
     malformed: Mapped[int] = mapped_column(default=0)
+
+
+class Delivery(Base):
+    """A webhook delivery or Slack event as received: stored once, handled by a worker.
+
+    The web handler only verifies, inserts this row and enqueues; a redelivery (same
+    source and delivery id) hits the unique constraint and is acknowledged and ignored.
+    A row still `received` after its enqueue was lost is re-enqueued by the recovery sweep.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("source", "delivery_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(20))  # github | slack
+    delivery_id: Mapped[str] = mapped_column(String(200))  # X-GitHub-Delivery, Slack event_id
+    event: Mapped[str] = mapped_column(String(100))  # e.g. issues.labeled, event_callback
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(20), default="received", index=True)
+    # received | handled | ignored | failed
+    note: Mapped[str | None] = mapped_column(Text)  # why ignored / what failed
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id"))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    handled_at: Mapped[datetime | None]

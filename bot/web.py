@@ -1,0 +1,52 @@
+"""The web server's composition root: each feature module contributes routes; this wires them.
+
+A feature module exposes `routes(ctx: WebContext) -> list[starlette.routing.BaseRoute]`
+(design rule 2). Handlers only verify, store and enqueue (design rule 5): they get the
+store and an `enqueue_delivery` callable, never a backend or a forge client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from bot.settings import Settings
+from bot.store.db import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WebContext:
+    settings: Settings
+    store: Store
+    enqueue_delivery: Callable[[int], object]  # puts a stored delivery's id on the queue
+    extras: dict = field(default_factory=dict)  # feature-specific collaborators
+
+
+Feature = Callable[[WebContext], list[BaseRoute]]
+
+
+def _health(_request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+def create_app(ctx: WebContext, features: Iterable[Feature]) -> Starlette:
+    routes: list[BaseRoute] = [Route("/healthz", _health)]
+    for feature in features:
+        routes.extend(feature(ctx))
+    app = Starlette(routes=routes)
+    app.state.ctx = ctx
+    return app
+
+
+def default_features(settings: Settings) -> list[Feature]:
+    """The features this process serves, from settings. New features register here."""
+    features: list[Feature] = []
+    return features

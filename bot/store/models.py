@@ -204,3 +204,32 @@ class Delivery(Base):
     request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id"))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     handled_at: Mapped[datetime | None]
+
+
+class MergedChange(Base):
+    """A change merged into a served repository, the bot's or a person's: training material.
+
+    Written by the forges (a merged GitHub pull request, `codeloop merge` on the local forge);
+    read by the dataset builder (training/dataset.py).
+    """
+
+    __tablename__ = "merged_changes"
+    __table_args__ = (UniqueConstraint("forge", "repo", "external_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    forge: Mapped[str] = mapped_column(String(20))  # github | local
+    repo: Mapped[str] = mapped_column(String(500))
+    external_id: Mapped[str] = mapped_column(String(200))  # PR number, or the merge commit
+    title: Mapped[str] = mapped_column(String(1000))
+    body: Mapped[str | None] = mapped_column(Text)
+    issue_number: Mapped[int | None]
+    issue_title: Mapped[str | None] = mapped_column(String(1000))
+    issue_body: Mapped[str | None] = mapped_column(Text)
+    diff: Mapped[str] = mapped_column(Text)
+    base_sha: Mapped[str | None] = mapped_column(String(64))
+    merge_sha: Mapped[str | None] = mapped_column(String(64))
+    author: Mapped[str | None] = mapped_column(String(200))
+    by_bot: Mapped[bool] = mapped_column(default=False)
+    pull_request_id: Mapped[int | None] = mapped_column(ForeignKey("pull_requests.id"))
+    merged_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -67,6 +68,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if state in ("queued", "running"):
         _print(f"job {sub.job_id}: {info.repo}")
         outcome = execute(runtime, sub.job_id)
+        while outcome.state == "deferred":  # the model server is down: wait here, then resume
+            _print(f"job {sub.job_id}: retrying in {outcome.retry_in:.0f} s (Ctrl-C leaves it "
+                   "queued for a `codeloop worker`)")
+            time.sleep(outcome.retry_in)
+            outcome = execute(runtime, sub.job_id)
         if outcome.state == "skipped":
             _print(f"job {sub.job_id} is running in another process")
             return 1

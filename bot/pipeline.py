@@ -51,6 +51,13 @@ class JobCancelled(Exception):
     pass
 
 
+class BackendUnavailable(Exception):
+    """The model server could not be reached (or broke mid-answer); a later run may succeed.
+
+    The job boundary puts the job back on the queue with a delay instead of failing it.
+    """
+
+
 @dataclass
 class Ports:
     settings: Settings
@@ -381,6 +388,8 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
     try:
         gen = backend.generate(prompt.messages, params)
     except BackendError as exc:
+        if exc.retryable:
+            raise BackendUnavailable(str(exc)) from exc
         raise JobFailed(f"the model backend failed: {exc}") from exc
     text = gen.text
     if prompt.stop and gen.finish_reason == "stop" and "```" in prompt.stop:

@@ -43,6 +43,18 @@ class QueueSettings(BaseModel):
         description="How long a job's claim lasts without a heartbeat before another worker may "
         "resume it (a worker killed mid-job is resumed after this).",
     )
+    backend_wait_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="When the model server is unreachable, a job goes back to the queue and is "
+        "retried after this delay (doubled on each try, at most 10 minutes).",
+    )
+    max_runs: int = Field(
+        default=6,
+        ge=1,
+        description="Most times a job is started; after that, a job still waiting for the model "
+        "server fails with a message saying so.",
+    )
 
 
 class BackendSettings(BaseModel):

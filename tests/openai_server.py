@@ -391,16 +391,17 @@ def serve_openai(
     served_name: str,
     faults: Faults | None = None,
     context_tokens: int | None = None,
+    port: int = 0,
 ) -> Iterator[str]:
-    """Serve `backend` on 127.0.0.1 (a free port) in a background thread; yield the base URL
-    (ending in /v1). `context_tokens` defaults to the backend's `context_tokens` attribute."""
+    """Serve `backend` on 127.0.0.1 (`port`, or a free one) in a background thread; yield the
+    base URL (ending in /v1). `context_tokens` defaults to the backend's `context_tokens`."""
     faults = faults if faults is not None else Faults()
     if context_tokens is None:
         context_tokens = getattr(backend, "context_tokens", None)
     app = build_app(backend, served_name=served_name, faults=faults, context_tokens=context_tokens)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2

@@ -133,11 +133,21 @@ def _parse(body: dict) -> tuple[list[Message], GenerationParams, bool, bool]:
         stop = (stop,)
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
     temperature = body.get("temperature")
+    structured = body.get("structured_outputs") or {}
+    if not isinstance(structured, dict):
+        raise _BadRequest("`structured_outputs` must be an object")
+    if any(k.startswith("guided_") for k in body):
+        raise _BadRequest("guided_* fields were removed from vLLM; use structured_outputs")
+    choice = structured.get("choice") or ()
+    if choice and (not isinstance(choice, list) or not all(isinstance(c, str) for c in choice)):
+        raise _BadRequest("structured_outputs.choice must be a list of strings")
     params = GenerationParams(
         max_tokens=int(max_tokens),
         temperature=1.0 if temperature is None else float(temperature),  # vLLM's default
         stop=tuple(stop),
         prefix=prefix,
+        choice=tuple(choice),
+        regex=structured.get("regex"),
     )
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return messages, params, stream, include_usage

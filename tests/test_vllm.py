@@ -9,6 +9,7 @@ module; the test that kills it runs last.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -109,6 +110,19 @@ def test_generation_through_the_openai_backend(vllm_server):
         # A prefix is continued (vLLM's continue_final_message).
         prefixed = backend.generate(ASK, GenerationParams(max_tokens=24, prefix="```python\ndef "))
         assert prefixed.text.startswith("```python\ndef ") and len(prefixed.text) > 16
+
+
+def test_structured_outputs_constrain_the_answer(vllm_server):
+    from inference.structured import choose
+
+    capital = [Message("user", "What is the capital city of France? Answer with the city name.")]
+    with backend_for(vllm_server) as backend:
+        assert choose(backend, capital, ["Banana", "Paris", "Seventeen"]) == "Paris"
+        digits = backend.generate(
+            [Message("user", "Give me a number.")],
+            GenerationParams(max_tokens=8, regex=r"[0-9]{3}"),
+        )
+        assert re.fullmatch(r"[0-9]{3}", digits.text), digits.text
 
 
 def test_pipeline_makes_a_pull_request_through_vllm(vllm_server, tmp_path, sample_repo):

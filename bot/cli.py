@@ -209,6 +209,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     runtime = build_runtime(settings)
     huey = build_queue(settings, lambda: runtime)
+    _report_model_server(settings)
     # Jobs whose worker died (on this host) resume at once; others when their lease ends.
     recover(runtime, huey.codeloop_run_job)
     consumer = huey.create_consumer(
@@ -217,6 +218,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("huey").setLevel(logging.WARNING)
     consumer.run()
     return 0
+
+
+def _report_model_server(settings: Settings) -> None:
+    """At worker start: what the model server serves, and a warning if our model is not there.
+
+    Not fatal: the server may come up after the worker (jobs wait for it on the queue).
+    """
+    if settings.backend.kind != "openai":
+        _print(f"worker: embedded model {settings.backend.model} (loaded on the first job)")
+        return
+    from inference.backends.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend(settings.backend.model_copy(update={"max_retries": 0}))
+    try:
+        served = backend.list_models()
+    except Exception as exc:  # noqa: BLE001 - reported, and jobs wait on the queue
+        _print(f"worker: warning: {exc}; jobs wait on the queue until it answers")
+        return
+    finally:
+        backend.close()
+    _print(f"worker: {backend.base_url} serves {', '.join(served) or 'nothing'}")
+    if settings.backend.model not in served:
+        _print(f"worker: warning: the configured model {settings.backend.model!r} is not served "
+               "there; set CODELOOP_BACKEND__MODEL to one of the names above")
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -237,6 +262,16 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
         _print("edit formats (well-formed / malformed answers):")
         for row in s.scalars(select(EditFormatStat)):
             _print(f"  {row.model:30} {row.format:15} {row.well_formed} / {row.malformed}")
+    if settings.backend.kind == "openai":
+        from bot import vllm
+
+        try:
+            load = vllm.server_load(settings.backend.base_url)
+        except vllm.VLLMError as exc:
+            _print(f"model server: {exc}")
+        else:
+            kv = "" if load.kv_cache_usage is None else f", KV cache {load.kv_cache_usage:.0%} used"
+            _print(f"model server: {load.running} running, {load.waiting} waiting{kv}")
     return 0
 
 

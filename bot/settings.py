@@ -202,6 +202,12 @@ class Settings(BaseSettings):
         description="Data directory: database, queue, workspaces, index cache.",
     )
     log_level: str = Field(default="INFO", description="Logging level.")
+    failpoint: str | None = Field(
+        default=None,
+        description="Fault injection for tests: `kill:<point>` makes this process kill itself "
+        "with SIGKILL when a job reaches that point (a stage name such as `generate-1`, or "
+        "`publish:pushed`, `publish:opened`). Never set it in production.",
+    )
     store: StoreSettings = Field(default_factory=StoreSettings, description="Database.")
     queue: QueueSettings = Field(default_factory=QueueSettings, description="Job queue.")
     backend: BackendSettings = Field(default_factory=BackendSettings, description="Model backend.")

@@ -90,7 +90,8 @@ class SlackAPIServer:
 
     def of(self, method: str, ok_only: bool = True) -> list[Call]:
         with self._lock:
-            return [c for c in self.calls if c.method == method and (c.status == 200 or not ok_only)]
+            return [c for c in self.calls
+                    if c.method == method and (c.status == 200 or not ok_only)]
 
     def texts(self, method: str = "chat.postMessage") -> list[str]:
         return [c.params.get("text", "") for c in self.of(method)]
@@ -136,3 +137,54 @@ class SlackAPIServer:
                 return 200, {}, {"ok": False, "error": "not_allowed_token_type"}
             return 200, {}, {"ok": True, "url": self.socket_url}
         return 200, {}, {"ok": False, "error": "unknown_method"}
+
+
+class SocketModeServer:
+    """A local Socket Mode websocket endpoint: says hello, sends envelopes, collects acks.
+
+    Give `server.url` to SlackAPIServer.socket_url: `apps.connections.open` hands it to the
+    client, as Slack does with its wss:// URL.
+    """
+
+    def __init__(self) -> None:
+        from websockets.sync.server import serve
+
+        self.acks: list[dict] = []
+        self.connected = threading.Event()
+        self._outbox: list[dict] = []
+        self._cond = threading.Condition()
+        self._server = serve(self._session, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self._server.socket.getsockname()[1]}/link"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> SocketModeServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    def send(self, envelope: dict) -> None:
+        with self._cond:
+            self._outbox.append(envelope)
+            self._cond.notify_all()
+
+    def _session(self, conn) -> None:
+        conn.send(json.dumps({"type": "hello", "num_connections": 1,
+                              "debug_info": {"host": "local"}}))
+        self.connected.set()
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._outbox, timeout=0.1)
+                outgoing, self._outbox = self._outbox, []
+            try:
+                for envelope in outgoing:
+                    conn.send(json.dumps(envelope))
+                try:
+                    raw = conn.recv(timeout=0.05)
+                except TimeoutError:
+                    continue
+            except Exception:  # noqa: BLE001 - the client went away
+                return
+            with self._cond:
+                self.acks.append(json.loads(raw))

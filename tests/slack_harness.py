@@ -120,8 +120,9 @@ class Harness:
         return self.event(event, event_id, **kw), ts
 
     def command(self, text: str, *, channel: str, user: str) -> httpx.Response:
-        body = signing.command_body(text, channel=channel, user=user,
-                                    trigger_id=f"trig.{next(self._ids)}")
+        n = next(self._ids)
+        body = signing.command_body(text, channel=channel, user=user, trigger_id=f"trig.{n}",
+                                    response_url=f"{self.slack.hooks_url}response-{n}")
         return self.post(body, "application/x-www-form-urlencoded")
 
     def click(self, action_id: str, job_id: int, *, channel: str, user: str,

@@ -26,6 +26,7 @@ class Call:
     params: dict
     token: str | None
     status: int  # what the server answered
+    response: dict  # and the body it answered with
 
 
 class SlackAPIServer:
@@ -35,6 +36,8 @@ class SlackAPIServer:
         self._ts = itertools.count(1)
         self._ratelimits: dict[str, list[int]] = {}  # method → [remaining 429s, retry-after]
         self.socket_url: str | None = None  # what apps.connections.open answers
+        self.not_in: set[str] = set()  # channels the bot is not a member of
+        self.hooks_url = ""  # set below: where slash-command response_urls point
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,7 +58,7 @@ class SlackAPIServer:
                 token = auth.removeprefix("Bearer ") or params.get("token")
                 status, headers, body = server._answer(method, params)
                 with server._lock:
-                    server.calls.append(Call(method, params, token, status))
+                    server.calls.append(Call(method, params, token, status, body))
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -71,6 +74,7 @@ class SlackAPIServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.api_url = f"http://127.0.0.1:{self.port}/api/"
+        self.hooks_url = f"http://127.0.0.1:{self.port}/hooks/"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     # -------------------------------------------------------------- control
@@ -114,6 +118,10 @@ class SlackAPIServer:
             if limit and limit[0] > 0:
                 limit[0] -= 1
                 return 429, {"Retry-After": str(limit[1])}, {"ok": False, "error": "ratelimited"}
+        if params.get("channel") in self.not_in and method.startswith("chat."):
+            return 200, {}, {"ok": False, "error": "not_in_channel"}
+        if method.startswith("response-"):  # a slash command's response_url
+            return 200, {}, {"ok": True}
         if method == "auth.test":
             return 200, {}, {"ok": True, "url": "https://codeloop-test.slack.com/", "team": "test",
                              "user": "codeloop", "team_id": TEAM, "user_id": BOT_USER,

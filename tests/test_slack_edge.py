@@ -187,6 +187,30 @@ def test_maintainer_commands_refuse_non_admins_and_status_answers_admins(harness
     h.wait_job(h.requests()[0].jobs[0].id)
 
 
+def test_slash_command_requirement_starts_a_thread_or_says_how_to_invite_the_bot(
+    harness_factory, repo
+):
+    h = harness_factory(ScriptedBackend("no edit"))
+    h.settings.pipeline.max_attempts = 1
+    h.command("Add a whisper(text) helper", channel=LINKED, user=ALICE)
+    queued = h.slack.wait_for(lambda s: [c for c in s.of("chat.postMessage")
+                                         if c.params["text"].startswith("Queued as #1")],
+                              what="queued reply")[0]
+    anchor = h.slack.of("chat.postMessage")[0]
+    assert anchor.params["text"] == "<@UALICE> asked for: Add a whisper(text) helper"
+    assert queued.params["thread_ts"] == anchor.response["ts"]
+    h.wait_job(h.requests()[0].jobs[0].id)
+
+    h.slack.not_in.add("CPRIVATE")
+    link_channel(h.store, "CPRIVATE", str(repo), ADMIN)
+    h.command("Add a shout helper", channel="CPRIVATE", user=ALICE)
+    hook = h.slack.wait_for(lambda s: [c for c in s.calls if c.method.startswith("response-")],
+                            what="answer through response_url")[0]
+    assert "/invite @codeloop" in hook.params["text"]
+    assert hook.params["response_type"] == "ephemeral"
+    assert len(h.requests()) == 1
+
+
 def test_ratelimited_answer_is_retried(harness_factory):
     h = harness_factory()
     h.slack.ratelimit("chat.postMessage", times=1, retry_after=1)

@@ -16,6 +16,7 @@ from bot.slack.app import EVENTS_PATH
 from bot.slack.events import Ask, Button, Command, Skip, SlackPayloadError, ThreadReply
 
 ROOT = Path(__file__).resolve().parent.parent
+HOOK = "https://hooks.slack.com/commands/T0CODELOOP/1/x"
 
 
 def _event(**fields) -> dict:
@@ -50,9 +51,9 @@ def test_bots_edits_and_direct_messages_are_skipped():
 def test_slash_commands():
     assert events.parse(events.COMMAND, _command("add a --verbose flag repo=acme/api")) == Ask(
         via="command", channel="C1", user="U1", text="add a --verbose flag", repo="acme/api",
-        ts=None, thread_ts=None, key="command:t.1")
+        ts=None, thread_ts=None, key="command:t.1", response_url=HOOK)
     assert events.parse(events.COMMAND, _command("link acme/api")) == Command(
-        name="link", arg="acme/api", channel="C1", user="U1")
+        name="link", arg="acme/api", channel="C1", user="U1", response_url=HOOK)
     assert events.parse(events.COMMAND, _command("Schedule 0 3 * * 1")).name == "schedule"
     assert events.parse(events.COMMAND, _command("")).name == "help"
 
@@ -144,3 +145,34 @@ def test_manifest_asks_for_exactly_what_the_code_uses():
     for url in (commands[0]["url"], manifest["settings"]["event_subscriptions"]["request_url"],
                 manifest["settings"]["interactivity"]["request_url"]):
         assert url.endswith(EVENTS_PATH)
+
+
+def test_the_web_route_needs_no_slack_api_when_the_bot_identity_is_given(tmp_path):
+    """What bench/ingress.py builds: signed events stored with no Web API reachable. (In-process
+    ASGI client here on purpose: the point is that nothing else is listening.)"""
+    from starlette.testclient import TestClient
+
+    from bot.settings import SlackSettings
+    from bot.slack.app import BotIdentity, routes
+    from bot.store.db import Store
+    from bot.store.models import Delivery
+    from bot.web import WebContext, create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "home", slack=SlackSettings(
+        bot_token="xoxb-x", signing_secret="s3cret", api_url="http://127.0.0.1:9/api/"))
+    store = Store(settings.database_url)
+    queued: list[int] = []
+    ctx = WebContext(settings=settings, store=store, enqueue_delivery=queued.append,
+                     extras={"slack_bot_identity": BotIdentity("UBOT", "BBOT", "T1")})
+    client = TestClient(create_app(ctx, [routes]))
+    body = signing.event_body({"type": "message", "channel": "C1", "user": "U1", "ts": "1.1",
+                               "text": "hi"}, "EvB1")
+    ok = client.post(EVENTS_PATH, content=body,
+                     headers=signing.signed_headers("s3cret", body))
+    bad = client.post(EVENTS_PATH, content=body, headers=signing.signed_headers("nope", body))
+    assert (ok.status_code, bad.status_code) == (200, 401)
+    with store.session() as s:
+        assert s.query(Delivery).count() == 1
+    assert len(queued) == 1
+    store.close()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from slack_bolt import App
+from slack_bolt.authorization import AuthorizeResult
 from slack_sdk import WebClient
 from slack_sdk.http_retry.builtin_handlers import (
     ConnectionErrorRetryHandler,
@@ -32,6 +34,17 @@ EVENTS_PATH = "/slack/events"
 
 class SlackNotConfigured(RuntimeError):
     """A setting Slack needs is missing; the message names it."""
+
+
+@dataclass(frozen=True)
+class BotIdentity:
+    """Who the bot is in Slack (what `auth.test` answers). Given to `build_app`, the app
+    needs no Web API call at all (benchmarks, air-gapped checks); otherwise Bolt asks
+    `auth.test` once at start-up."""
+
+    user_id: str
+    bot_id: str
+    team_id: str | None = None
 
 
 def web_client(settings: Settings) -> WebClient:
@@ -57,6 +70,7 @@ def build_app(
     client: WebClient | None = None,
     *,
     socket_mode: bool = False,
+    bot_identity: BotIdentity | None = None,
 ) -> App:
     """A Bolt app whose listeners store the delivery and enqueue it, then acknowledge."""
     secret = settings.slack.signing_secret
@@ -64,13 +78,23 @@ def build_app(
         raise SlackNotConfigured(
             "CODELOOP_SLACK__SIGNING_SECRET is not set (Basic Information → Signing Secret)"
         )
+    client = client or web_client(settings)
+    auth: dict = {"token": client.token}
+    if bot_identity is not None:
+        def authorize(team_id=None):
+            return AuthorizeResult(enterprise_id=None, team_id=bot_identity.team_id or team_id,
+                                   bot_token=client.token, bot_id=bot_identity.bot_id,
+                                   bot_user_id=bot_identity.user_id)
+
+        auth = {"authorize": authorize}
     app = App(
         signing_secret=secret.get_secret_value() if secret else "socket-mode",
-        client=client or web_client(settings),
+        client=client,
         # The listener's insert finishes before the answer: an acknowledged event is stored.
         process_before_response=True,
         request_verification_enabled=not socket_mode,
         logger=logging.getLogger("bot.slack.bolt"),
+        **auth,
     )
 
     def recorder(kind: str) -> Callable:
@@ -105,7 +129,8 @@ def routes(ctx) -> list:
     if settings.slack.signing_secret is None or settings.slack.bot_token is None:
         return []
     app = build_app(settings, ctx.store, ctx.enqueue_delivery,
-                    client=ctx.extras.get("slack_client"))
+                    client=ctx.extras.get("slack_client"),
+                    bot_identity=ctx.extras.get("slack_bot_identity"))
 
     async def slack_events(request: Request):
         body = await request.body()

@@ -48,6 +48,7 @@ class Ask:
     ts: str | None  # the message's ts (None for a slash command)
     thread_ts: str | None  # set when the message was written inside a thread
     key: str  # identity of the message: a message and its app_mention share it
+    response_url: str | None = None  # slash commands: answers when the bot is not in the channel
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Command:
     arg: str
     channel: str
     user: str
+    response_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,15 +181,17 @@ def _parse_command(payload: dict) -> SlackInput:
     user = _str(payload, "user_id", "command")
     trigger = _str(payload, "trigger_id", "command")
     text = clean_text(_str(payload, "text", "command", required=False) or "")
+    response_url = _str(payload, "response_url", "command", required=False) or None
     word, _, rest = text.partition(" ")
     word = word.lower()
     if not text or word == "help":
-        return Command(name="help", arg="", channel=channel, user=user)
+        return Command(name="help", arg="", channel=channel, user=user, response_url=response_url)
     if word in MAINTAINER_COMMANDS:
-        return Command(name=word, arg=rest.strip(), channel=channel, user=user)
+        return Command(name=word, arg=rest.strip(), channel=channel, user=user,
+                       response_url=response_url)
     text, repo = split_repo(text)
     return Ask(via="command", channel=channel, user=user, text=text, repo=repo, ts=None,
-               thread_ts=None, key=f"command:{trigger}")
+               thread_ts=None, key=f"command:{trigger}", response_url=response_url)
 
 
 def _parse_action(payload: dict) -> SlackInput:

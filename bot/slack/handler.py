@@ -20,6 +20,8 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.webhook import WebhookClient
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -44,6 +46,7 @@ from bot.store.models import (
 log = logging.getLogger(__name__)
 
 TRAINING_MISSING = "training is not available in this build"
+NOT_IN_CHANNEL = ("not_in_channel", "channel_not_found")
 
 
 # ---------------------------------------------------------------- store helpers
@@ -181,12 +184,21 @@ class SlackHandler:
         resp = self.client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
         return resp.get("ts")
 
-    def _whisper(self, channel: str, user: str, text: str) -> None:
-        self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+    def _whisper(self, channel: str, user: str, text: str,
+                 response_url: str | None = None) -> None:
+        """Only `user` sees it. In a channel the bot is not in, a slash command's answer goes
+        through its response_url instead."""
+        try:
+            self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+        except SlackApiError as exc:
+            if response_url is None or exc.response.get("error") not in NOT_IN_CHANNEL:
+                raise
+            WebhookClient(response_url, timeout=int(self.settings.slack.timeout_seconds)).send(
+                text=text, response_type="ephemeral")
 
     def _answer(self, item: Ask, text: str) -> None:
         if item.via == "command":
-            self._whisper(item.channel, item.user, text)
+            self._whisper(item.channel, item.user, text, item.response_url)
         else:
             self._say(item.channel, text, thread_ts=item.ts)
 
@@ -210,7 +222,14 @@ class SlackHandler:
             raise Ignored(f"repository refused: {exc}") from exc
         thread_ts = item.ts
         if item.via == "command":  # a slash command has no message: start the thread
-            thread_ts = self._say(item.channel, f"<@{item.user}> asked for: {item.text}")
+            try:
+                thread_ts = self._say(item.channel, f"<@{item.user}> asked for: {item.text}")
+            except SlackApiError as exc:
+                if exc.response.get("error") not in NOT_IN_CHANNEL:
+                    raise
+                self._answer(item, "I'm not in this channel, so I can't start a thread here: "
+                                   "invite me with `/invite @codeloop`, then ask again.")
+                raise Ignored("slash command in a channel the bot is not in") from exc
         try:
             sub = jobs.submit(
                 self.store, source="slack", repo=info.repo, requirement=item.text,
@@ -269,15 +288,15 @@ class SlackHandler:
 
     def command(self, item: Command) -> None:
         if item.name == "help":
-            self._whisper(item.channel, item.user, messages.HELP)
+            self._whisper(item.channel, item.user, messages.HELP, item.response_url)
             raise Ignored("help shown")
         if not self.is_admin(item.user):
             self._whisper(item.channel, item.user,
                           f"Sorry, `/codeloop {item.name}` is for codeloop admins. Ask one of "
-                          "them, or set CODELOOP_SLACK__ADMINS to include you.")
+                          "them, or set CODELOOP_SLACK__ADMINS to include you.", item.response_url)
             raise Ignored(f"{item.user} is not an admin ({item.name})")
         text = getattr(self, f"cmd_{item.name}")(item)
-        self._whisper(item.channel, item.user, text)
+        self._whisper(item.channel, item.user, text, item.response_url)
         return None
 
     def cmd_link(self, item: Command) -> str:

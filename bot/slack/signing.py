@@ -32,12 +32,13 @@ def event_body(event: dict, event_id: str, team: str = "T0CODELOOP") -> str:
 
 
 def command_body(text: str, *, channel: str, user: str, trigger_id: str,
-                 command: str = "/codeloop") -> str:
+                 command: str = "/codeloop",
+                 response_url: str = "https://hooks.slack.com/commands/T0CODELOOP/1/x") -> str:
     """A slash command as Slack posts it (form-encoded)."""
     return urlencode({
         "command": command, "text": text, "channel_id": channel, "user_id": user,
         "team_id": "T0CODELOOP", "trigger_id": trigger_id, "user_name": user.lower(),
-        "response_url": "https://hooks.slack.invalid/commands/1", "api_app_id": "A0CODELOOP",
+        "response_url": response_url, "api_app_id": "A0CODELOOP",
     })
 
 

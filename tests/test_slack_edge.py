@@ -167,7 +167,7 @@ def test_maintainer_commands_refuse_non_admins_and_status_answers_admins(harness
     assert len(refusals) == 2
     assert all(c.params["user"] == ALICE and "for codeloop admins" in c.params["text"]
                for c in refusals)
-    assert "retrain" in refusals[0].params["text"]
+    assert sorted("retrain" in c.params["text"] for c in refusals) == [False, True]
     assert not any(t.startswith("Linked") for t in h.slack.texts("chat.postEphemeral"))
 
     h.command("status", channel=LINKED, user=ADMIN)
@@ -252,8 +252,9 @@ def test_thread_tells_the_story_and_a_follow_up_revises_the_same_pull_request(
     final = json.dumps(updates[-1].params["blocks"])
     assert "pull request #1" in final and "textutil.py" in final
     assert "Validation: *passed*" in final and "Cancel" not in final
-    # Coalesced: 7 stage changes (workspace … publish) plus the end, fewer edits than that.
-    assert len(every) < 7
+    # Coalesced: six stage changes (workspace … publish) and the end would be one post and six
+    # edits one by one; the fast stages share edits.
+    assert len(every) < 6
     with h.store.session() as s:
         pr = s.scalar(select(PullRequest))
         assert "Slack user UALICE (@alice-gh)" in pr.body

@@ -12,7 +12,9 @@ import time
 import pytest
 from sqlalchemy import select
 
+from bot import deliveries
 from bot.demo import make_sample_repo
+from bot.slack import signing
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
 from bot.slack.handler import link_channel
 from bot.store.models import Delivery, PullRequest, Request, Revision, SlackThread
@@ -75,9 +77,9 @@ def repo(tmp_path):
 def harness_factory(tmp_path, slack_api, repo):
     made: list[Harness] = []
 
-    def make(backend=None, **slack_extra) -> Harness:
-        settings = make_settings(tmp_path / "home", slack=slack_settings(slack_api.api_url,
-                                                                         **slack_extra))
+    def make(backend=None, db_url=None, **slack_extra) -> Harness:
+        settings = make_settings(tmp_path / "home", db_url,
+                                 slack=slack_settings(slack_api.api_url, **slack_extra))
         h = Harness(settings, slack_api, backend or ScriptedBackend(GOOD)).start()
         link_channel(h.store, LINKED, str(repo), ADMIN)
         made.append(h)
@@ -106,8 +108,8 @@ def test_forged_and_stale_requests_get_401_and_nothing_is_stored(harness_factory
     assert good.status_code == 200 and h.count(Delivery) == 1
 
 
-def test_the_same_event_delivered_three_times_makes_one_job(harness_factory):
-    h = harness_factory()
+def test_the_same_event_delivered_three_times_makes_one_job(harness_factory, db_url):
+    h = harness_factory(db_url=db_url)
     first, ts = h.message("Add a whisper(text) helper", channel=LINKED, event_id="EvSAME")
     again, _ = h.message("Add a whisper(text) helper", channel=LINKED, ts=ts, event_id="EvSAME",
                          retry=1)
@@ -124,6 +126,29 @@ def test_the_same_event_delivered_three_times_makes_one_job(harness_factory):
     queued = [t for t in h.slack.texts() if t.startswith("Queued as")]
     assert queued == [f"Queued as #{requests[0].id} for {requests[0].repo}"]
     h.wait_job(requests[0].jobs[0].id)
+
+
+def test_an_event_whose_first_enqueue_was_lost_is_still_handled_once(harness_factory):
+    h = harness_factory(ScriptedBackend("no edit"))
+    h.settings.pipeline.max_attempts = 1
+    # The first delivery was stored, then the process died before enqueueing it.
+    body = json.loads(signing.event_body(
+        {"type": "message", "channel": LINKED, "user": ALICE, "text": "Add a whisper helper",
+         "ts": "1800000000.000777", "channel_type": "channel"}, "EvLOST"))
+    lost = deliveries.record(h.store, source="slack", delivery_id="EvLOST",
+                             event="event_callback", payload=body)
+    # Slack retries (we never answered): acknowledged, not stored again.
+    retry = h.post(json.dumps(body), "application/json", retry=1)
+    assert retry.status_code == 200 and h.count(Delivery) == 1
+    # The recovery sweep finds the row nobody handled and enqueues it: one request.
+    assert deliveries.pending(h.store, stale_seconds=-1) == [lost.id]
+    h.huey.codeloop_handle_delivery(lost.id)
+    h.slack.wait_for(lambda s: [t for t in s.texts() if t.startswith("Queued as #1")],
+                     what="queued reply")
+    h.post(json.dumps(body), "application/json", retry=2)
+    h.wait_job(h.requests()[0].jobs[0].id)
+    assert len(h.requests()) == 1
+    assert len([t for t in h.slack.texts() if t.startswith("Queued")]) == 1
 
 
 def test_unmapped_channel_gets_a_helpful_reply_and_no_job(harness_factory):

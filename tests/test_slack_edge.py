@@ -17,7 +17,14 @@ from bot.demo import make_sample_repo
 from bot.slack import signing
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
 from bot.slack.handler import link_channel
-from bot.store.models import Delivery, PullRequest, Request, Revision, SlackThread
+from bot.store.models import (
+    Delivery,
+    PullRequest,
+    Request,
+    ReviewSignal,
+    Revision,
+    SlackThread,
+)
 from tests.conftest import git_out, make_settings
 from tests.fakes import ScriptedBackend
 from tests.slack_harness import ADMIN, ALICE, Harness, final_texts, slack_settings
@@ -298,6 +305,11 @@ def test_thread_tells_the_story_and_a_follow_up_revises_the_same_pull_request(
     assert git_out(repo, "rev-list", "--count", f"main..{branch}").strip() == "2"
     assert "…" in git_out(repo, "show", f"{branch}:textutil.py")
     assert h.count(PullRequest) == 1 and h.count(Revision) == 2
+    with h.store.session() as s:  # the follow-up is kept as review feedback on revision 1
+        signal = s.scalar(select(ReviewSignal))
+        assert (signal.source, signal.kind, signal.body) == (
+            "slack", "commented", "Use a real ellipsis character")
+        assert signal.revision_id == s.scalar(select(Revision.id).where(Revision.number == 1))
 
 
 def test_cancel_stops_a_running_job(harness_factory, repo):

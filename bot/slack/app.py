@@ -79,7 +79,7 @@ def build_app(
             "CODELOOP_SLACK__SIGNING_SECRET is not set (Basic Information → Signing Secret)"
         )
     client = client or web_client(settings)
-    auth: dict = {"token": client.token}
+    auth: dict = {}  # Bolt takes the token from the client and checks it with auth.test once
     if bot_identity is not None:
         def authorize(team_id=None):
             return AuthorizeResult(enterprise_id=None, team_id=bot_identity.team_id or team_id,

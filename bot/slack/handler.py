@@ -271,6 +271,13 @@ class SlackHandler:
             self._say(item.channel, f"Pull request #{number} is {state}; start a new request "
                       "for further changes.", thread_ts=item.thread_ts)
             raise Ignored(f"follow-up on a {state} pull request")
+        # The follow-up is review feedback on the revision it answers (a comment: it may ask
+        # for more as well as for different); the learning loop reads it with the others.
+        from feedback.signals import record_signal
+
+        record_signal(self.store, pr_id, kind="commented", source="slack",
+                      external_id=f"{item.channel}:{item.ts}", body=item.text,
+                      author=requester_label(self.settings, item.user))
         job_id, created = jobs.submit_revision(
             self.store, request_id=request_id, pull_request_id=pr_id, feedback=item.text,
             key=f"slack-followup:{item.channel}:{item.ts}",

@@ -185,6 +185,12 @@ def test_bot_messages_edits_and_foreign_threads_are_ignored(harness_factory):
     assert "bot" in rows[0].note and "message_changed" in rows[1].note
     assert "not codeloop's" in rows[2].note
     assert h.count(Request) == 0 and h.slack.of("chat.postMessage") == []
+    # Mentioning the bot inside someone's thread is a request, answered in that thread.
+    h.message("<@UCODELOOP> Add a whisper(text) helper", channel=LINKED, thread_ts="1.0",
+              kind="app_mention")
+    queued = h.slack.wait_for(lambda s: s.of("chat.postMessage"), what="queued reply")[0]
+    assert queued.params["text"].startswith("Queued as #1") and queued.params["thread_ts"] == "1.0"
+    h.wait_job(h.requests()[0].jobs[0].id)
 
 
 # ---------------------------------------------------------------- maintainers
@@ -273,6 +279,8 @@ def test_thread_tells_the_story_and_a_follow_up_revises_the_same_pull_request(
     # One progress message in the thread, edited in place; the last edit has the PR.
     posts = [c for c in h.slack.of("chat.postMessage") if c.params.get("blocks")]
     assert len(posts) == 1 and posts[0].params["thread_ts"] == ts
+    in_thread = [c.params["text"] for c in h.slack.of("chat.postMessage")]
+    assert in_thread[0].startswith("Queued as") and in_thread[1] == posts[0].params["text"]
     assert "Cancel" in json.dumps(posts[0].params["blocks"])
     updates = h.slack.wait_for(lambda s: [c for c in s.of("chat.update")
                                           if "Opened" in json.dumps(c.params["blocks"])],

@@ -60,6 +60,7 @@ class ThreadReply:
     text: str
     ts: str
     thread_ts: str
+    mention: bool = False  # it @mentions the bot: a request, when the thread is not codeloop's
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def _parse_event(payload: dict) -> SlackInput:
     thread_ts = _str(event, "thread_ts", "event", required=False) or None
     text = clean_text(raw)
     if thread_ts and thread_ts != ts:
-        return ThreadReply(channel=channel, user=user, text=text, ts=ts, thread_ts=thread_ts)
+        return ThreadReply(channel=channel, user=user, text=text, ts=ts, thread_ts=thread_ts,
+                           mention=etype == "app_mention")
     text, repo = split_repo(text)
     via = "mention" if etype == "app_mention" else "message"
     if via == "message" and event.get("channel_type") not in (None, "channel", "group"):

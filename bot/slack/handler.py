@@ -200,7 +200,7 @@ class SlackHandler:
         if item.via == "command":
             self._whisper(item.channel, item.user, text, item.response_url)
         else:
-            self._say(item.channel, text, thread_ts=item.ts)
+            self._say(item.channel, text, thread_ts=item.thread_ts or item.ts)
 
     # -------------------------------------------------------------- requirements
 
@@ -220,7 +220,7 @@ class SlackHandler:
         except ForgeError as exc:
             self._answer(item, f"I can't work on {repo}: {exc}")
             raise Ignored(f"repository refused: {exc}") from exc
-        thread_ts = item.ts
+        thread_ts = item.thread_ts or item.ts
         if item.via == "command":  # a slash command has no message: start the thread
             try:
                 thread_ts = self._say(item.channel, f"<@{item.user}> asked for: {item.text}")
@@ -242,19 +242,27 @@ class SlackHandler:
             self._answer(item, str(exc))
             raise Ignored(str(exc)) from exc
         _remember_thread(self.store, item.channel, thread_ts, sub.request_id, item.user)
-        self.enqueue_job(sub.job_id)  # claims dedupe a second enqueue
         if not sub.created:
+            self.enqueue_job(sub.job_id)  # its first enqueue may be what was lost; claims dedupe
             raise Ignored(f"request #{sub.request_id} was made from this message before")
         with self.store.session() as s:
             truncated = s.get(Request, sub.request_id).truncated
         reply = messages.queued(sub.request_id, info.repo,
                                 self.settings.pipeline.max_requirement_bytes if truncated else None)
-        self._say(item.channel, reply.text, thread_ts=thread_ts)
+        try:  # "Queued" first, so it comes before the progress message in the thread
+            self._say(item.channel, reply.text, thread_ts=thread_ts)
+        finally:
+            self.enqueue_job(sub.job_id)
         return sub.request_id
 
     def follow_up(self, item: ThreadReply) -> int | None:
         found = thread_request(self.store, item.channel, item.thread_ts)
         if found is None:
+            if item.mention:  # "@codeloop do X" inside someone's thread: a request, there
+                text, repo = events.split_repo(item.text)
+                return self.ask(Ask(via="mention", channel=item.channel, user=item.user,
+                                    text=text, repo=repo, ts=item.ts, thread_ts=item.thread_ts,
+                                    key=f"{item.channel}:{item.ts}"))
             raise Ignored("a reply in a thread that is not codeloop's")
         request_id, _ = found
         if not item.text.strip():
@@ -282,10 +290,14 @@ class SlackHandler:
             self.store, request_id=request_id, pull_request_id=pr_id, feedback=item.text,
             key=f"slack-followup:{item.channel}:{item.ts}",
         )
-        self.enqueue_job(job_id)
         if not created:
+            self.enqueue_job(job_id)
             raise Ignored("this follow-up was handled before")
-        self._say(item.channel, messages.revising(number, job_id).text, thread_ts=item.thread_ts)
+        try:
+            self._say(item.channel, messages.revising(number, job_id).text,
+                      thread_ts=item.thread_ts)
+        finally:
+            self.enqueue_job(job_id)
         return request_id
 
     # -------------------------------------------------------------- commands
@@ -394,10 +406,12 @@ class SlackHandler:
                           f"Job {item.job_id} is {state}; nothing to retry.")
             raise Ignored(f"retry of a {state} job")
         new_id, created = _retry_job(self.store, item.job_id, request_id, kind, pr_id, feedback)
-        self.enqueue_job(new_id)
-        if created:
-            self._say(item.channel, f"<@{item.user}> asked to try again: job {new_id}.",
-                      thread_ts=thread_ts)
+        try:
+            if created:
+                self._say(item.channel, f"<@{item.user}> asked to try again: job {new_id}.",
+                          thread_ts=thread_ts)
+        finally:
+            self.enqueue_job(new_id)
         return request_id
 
 

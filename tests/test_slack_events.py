@@ -176,3 +176,15 @@ def test_the_web_route_needs_no_slack_api_when_the_bot_identity_is_given(tmp_pat
         assert s.query(Delivery).count() == 1
     assert len(queued) == 1
     store.close()
+
+
+def test_the_web_server_serves_slack_only_when_it_is_configured(tmp_path):
+    from bot.settings import SlackSettings
+    from bot.slack.app import routes
+    from bot.web import default_features
+    from tests.conftest import make_settings
+
+    assert routes not in default_features(make_settings(tmp_path / "a"))
+    configured = make_settings(tmp_path / "b", slack=SlackSettings(bot_token="xoxb-x",
+                                                                   signing_secret="s"))
+    assert routes in default_features(configured)

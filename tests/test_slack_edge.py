@@ -359,6 +359,9 @@ def test_a_failed_job_says_why_and_retry_runs_it_again(harness_factory):
     assert "no parsable edit" in blocks and RETRY_ACTION in blocks
     h.click(RETRY_ACTION, failed_id, channel=LINKED, user=ALICE)
     h.slack.wait_for(lambda s: any("try again" in t for t in s.texts()), what="retry reply")
+    h.click(RETRY_ACTION, failed_id, channel=LINKED, user=ALICE)  # a second click: same retry
+    h.slack.wait_for(lambda s: any("Already trying again" in t
+                                   for t in s.texts("chat.postEphemeral")), what="already")
     jobs_ = h.requests()[0].jobs
     assert len(jobs_) == 2
     retry_id = jobs_[1].id

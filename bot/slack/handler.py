@@ -410,9 +410,11 @@ class SlackHandler:
             if created:
                 self._say(item.channel, f"<@{item.user}> asked to try again: job {new_id}.",
                           thread_ts=thread_ts)
+            else:
+                self._whisper(item.channel, item.user, f"Already trying again as job {new_id}.")
         finally:
             self.enqueue_job(new_id)
-        return request_id
+        return request_id if created else None
 
 
 def thread_request_by_id(store: Store, request_id: int) -> tuple[str, str] | None:

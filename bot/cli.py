@@ -244,6 +244,25 @@ def _report_model_server(settings: Settings) -> None:
                "there; set CODELOOP_BACKEND__MODEL to one of the names above")
 
 
+def cmd_slack_socket(args: argparse.Namespace, settings: Settings) -> int:
+    """`codeloop slack socket`: Slack events over Socket Mode; `codeloop worker` handles them."""
+    from bot.runtime import build_queue, build_runtime
+    from bot.slack.app import SlackNotConfigured, run_socket_mode
+
+    for name, value in (("APP_TOKEN", settings.slack.app_token),
+                        ("BOT_TOKEN", settings.slack.bot_token)):
+        if value is None:
+            return _fail(f"CODELOOP_SLACK__{name} is not set (see README, Slack)")
+    runtime = build_runtime(settings)
+    huey = build_queue(settings, lambda: runtime)
+    try:
+        _print("connecting to Slack over Socket Mode (Ctrl-C stops)")
+        run_socket_mode(settings, runtime.store, huey.codeloop_handle_delivery)
+    except SlackNotConfigured as exc:
+        return _fail(str(exc))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from bot.demo import run_demo
 
@@ -351,6 +370,13 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("worker", help="run queued jobs (huey consumer)").set_defaults(fn=cmd_worker)
     sub.add_parser("stats", help="job states and edit-format well-formedness").set_defaults(fn=cmd_stats)
+
+    slack = sub.add_parser("slack", help="Slack: Socket Mode (no public URL needed)")
+    slack_sub = slack.add_subparsers(dest="slack_command", required=True)
+    slack_sub.add_parser(
+        "socket", help="receive events over Socket Mode (needs CODELOOP_SLACK__APP_TOKEN); "
+        "`codeloop worker` handles them"
+    ).set_defaults(fn=cmd_slack_socket)
 
     demo = sub.add_parser("demo", help="the whole loop on a sample repository, embedded model")
     demo.add_argument("--dir", default="demo", help="where the sample repository and data go")

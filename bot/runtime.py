@@ -102,6 +102,12 @@ class Runtime:
     backend: LazyBackend
     # source ("github", "slack") → handler of a stored delivery (bot.deliveries)
     delivery_handlers: dict[str, Handler] = field(default_factory=dict)
+    # Puts a job on the queue; set by build_queue (without a queue, the recovery sweep runs it).
+    enqueue_job: Callable[[int], object] | None = None
+
+    def enqueue(self, job_id: int) -> None:
+        if self.enqueue_job is not None:
+            self.enqueue_job(job_id)
 
     def close(self) -> None:
         self.store.close()
@@ -128,9 +134,19 @@ def build_runtime(
         backend=lazy,
         notifier=notifier or RoutingNotifier(store, by_source, default=LogNotifier()),
     )
-    return Runtime(
+    runtime = Runtime(
         settings=settings, store=store, ports=ports, backend=lazy, delivery_handlers=handlers
     )
+    if settings.slack.bot_token is not None:
+        from bot.slack.app import web_client
+        from bot.slack.handler import SlackHandler
+        from bot.slack.notifier import SlackNotifier
+
+        slack = web_client(settings)
+        by_source["slack"] = SlackNotifier(store, slack,
+                                           interval=settings.slack.update_interval_seconds)
+        handlers["slack"] = SlackHandler(settings, store, slack, ports.forge, runtime.enqueue)
+    return runtime
 
 
 @dataclass(frozen=True)
@@ -221,6 +237,7 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
         with lock:
             if "runtime" not in state:
                 state["runtime"] = runtime_factory()
+                state["runtime"].enqueue_job = run_job_task
             return state["runtime"]
 
     @huey.task(name="codeloop.run_job")

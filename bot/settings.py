@@ -188,6 +188,16 @@ class SlackSettings(BaseModel):
     github_logins: dict[str, str] = Field(
         default_factory=dict, description="Slack user id → GitHub login, to mention requesters."
     )
+    update_interval_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="Least time between two edits of one progress message; faster stage "
+        "changes are coalesced into the next edit.",
+    )
+    rate_limit_retries: int = Field(
+        default=3, ge=0, description="Retries of a Web API call Slack answered `ratelimited` (429)."
+    )
+    timeout_seconds: float = Field(default=30.0, gt=0, description="Slack Web API call timeout.")
 
 
 class Settings(BaseSettings):

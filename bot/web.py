@@ -49,4 +49,8 @@ def create_app(ctx: WebContext, features: Iterable[Feature]) -> Starlette:
 def default_features(settings: Settings) -> list[Feature]:
     """The features this process serves, from settings. New features register here."""
     features: list[Feature] = []
+    if settings.slack.signing_secret is not None and settings.slack.bot_token is not None:
+        from bot.slack.app import routes as slack_routes
+
+        features.append(slack_routes)
     return features

@@ -101,6 +101,8 @@ class Runtime:
     backend: LazyBackend
     # source ("github", "slack") → handler of a stored delivery (bot.deliveries)
     delivery_handlers: dict[str, Handler] = field(default_factory=dict)
+    # puts a job on the queue; set by build_queue (None: jobs wait for the recovery sweep)
+    enqueue_job: Callable[[int], object] | None = None
 
     def close(self) -> None:
         self.store.close()
@@ -120,6 +122,13 @@ def build_runtime(
     # Each chat/forge feature adds its notifier (by request source) and delivery handler here.
     by_source: dict[str, Notifier] = {}
     handlers: dict[str, Handler] = {}
+    github_clients = None
+    if forge is None and settings.forge.kind == "github":
+        from bot.forges.github import GitHubForge
+        from bot.github.auth import GitHubClients
+
+        github_clients = GitHubClients(settings.github)
+        forge = GitHubForge(github_clients, settings.home / "mirrors")
     ports = Ports(
         settings=settings,
         store=store,
@@ -127,9 +136,16 @@ def build_runtime(
         backend=lazy,
         notifier=notifier or RoutingNotifier(store, by_source, default=LogNotifier()),
     )
-    return Runtime(
+    runtime = Runtime(
         settings=settings, store=store, ports=ports, backend=lazy, delivery_handlers=handlers
     )
+    from bot import github
+
+    if github.configured(settings):
+        github.install(settings, store, by_source, handlers,
+                       enqueue_job=lambda job_id: runtime.enqueue_job and runtime.enqueue_job(job_id),
+                       clients=github_clients)
+    return runtime
 
 
 @dataclass(frozen=True)
@@ -195,6 +211,7 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
         with lock:
             if "runtime" not in state:
                 state["runtime"] = runtime_factory()
+                state["runtime"].enqueue_job = run_job_task
             return state["runtime"]
 
     @huey.task(name="codeloop.run_job")

@@ -49,4 +49,8 @@ def create_app(ctx: WebContext, features: Iterable[Feature]) -> Starlette:
 def default_features(settings: Settings) -> list[Feature]:
     """The features this process serves, from settings. New features register here."""
     features: list[Feature] = []
+    if settings.github.webhook_secret is not None:
+        from bot.github import webhook
+
+        features.append(webhook.routes)
     return features

@@ -37,7 +37,13 @@ from bot.store.models import (
 )
 from bot.validate import validate
 from inference import context as ctx
-from inference.edits import EditRejected, apply_edits, default_format_for, describe_format, parse_edits
+from inference.edits import (
+    EditRejected,
+    apply_edits,
+    default_format_for,
+    describe_format,
+    parse_edits,
+)
 from inference.prompts import ContextDoc, Prompt, build_prompt
 
 log = logging.getLogger(__name__)

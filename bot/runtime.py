@@ -141,9 +141,12 @@ def build_runtime(
     )
     from bot import github
 
+    def enqueue_job(job_id: int) -> None:
+        if runtime.enqueue_job is not None:
+            runtime.enqueue_job(job_id)
+
     if github.configured(settings):
-        github.install(settings, store, by_source, handlers,
-                       enqueue_job=lambda job_id: runtime.enqueue_job and runtime.enqueue_job(job_id),
+        github.install(settings, store, by_source, handlers, enqueue_job=enqueue_job,
                        clients=github_clients)
     return runtime
 

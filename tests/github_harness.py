@@ -32,11 +32,20 @@ class GitHubEnv:
     huey: object
     client: TestClient
 
-    def deliver(self, event: str, payload: dict, delivery_id: str | None = None,
-                secret: str | None = WEBHOOK_SECRET, signature: str | None = None):
+    def deliver(
+        self,
+        event: str,
+        payload: dict,
+        delivery_id: str | None = None,
+        secret: str | None = WEBHOOK_SECRET,
+        signature: str | None = None,
+    ):
         body = json.dumps(payload).encode()
-        headers = {"X-GitHub-Event": event, "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()),
-                   "Content-Type": "application/json"}
+        headers = {
+            "X-GitHub-Event": event,
+            "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()),
+            "Content-Type": "application/json",
+        }
         if signature is not None:
             headers["X-Hub-Signature-256"] = signature
         elif secret is not None:
@@ -60,18 +69,25 @@ class GitHubEnv:
         self.fake.stop()
 
 
-def github_settings(fake: FakeGitHub, home: Path, db_url: str | None = None,
-                    **gh_overrides) -> Settings:
+def github_settings(
+    fake: FakeGitHub, home: Path, db_url: str | None = None, **gh_overrides
+) -> Settings:
     gh = GitHubSettings(
-        api_url=fake.api_url, app_id=fake.app_id, private_key=SecretStr(fake.private_key_pem),
-        webhook_secret=SecretStr(WEBHOOK_SECRET), max_retries=4, retry_backoff=0.05,
-        secondary_rate_wait=1.0, **gh_overrides,
+        api_url=fake.api_url,
+        app_id=fake.app_id,
+        private_key=SecretStr(fake.private_key_pem),
+        webhook_secret=SecretStr(WEBHOOK_SECRET),
+        max_retries=4,
+        retry_backoff=0.05,
+        secondary_rate_wait=1.0,
+        **gh_overrides,
     )
     return make_settings(home, db_url, forge=ForgeSettings(kind="github"), github=gh)
 
 
-def make_env(tmp_path: Path, backend, db_url: str | None = None, files: dict | None = None,
-             **gh_overrides) -> GitHubEnv:
+def make_env(
+    tmp_path: Path, backend, db_url: str | None = None, files: dict | None = None, **gh_overrides
+) -> GitHubEnv:
     source = make_sample_repo(tmp_path / "source", files)
     fake = FakeGitHub(tmp_path / "github").start()
     repo = fake.create_repo(REPO, source)
@@ -80,8 +96,9 @@ def make_env(tmp_path: Path, backend, db_url: str | None = None, files: dict | N
     runtime = build_runtime(settings, backend=backend)
     huey = build_queue(settings, lambda: runtime)
     huey.codeloop_runtime()  # binds runtime.enqueue_job to the queue's run_job task
-    ctx = WebContext(settings=settings, store=runtime.store,
-                     enqueue_delivery=huey.codeloop_handle_delivery)
+    ctx = WebContext(
+        settings=settings, store=runtime.store, enqueue_delivery=huey.codeloop_handle_delivery
+    )
     features = default_features(settings)
     assert routes in features
     client = TestClient(create_app(ctx, features))

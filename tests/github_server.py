@@ -39,11 +39,19 @@ BOT_LOGIN = "codeloop[bot]"
 
 
 def _git(cwd: Path | str, *args: str, input: bytes | None = None) -> str:
-    proc = subprocess.run(["git", *args], cwd=str(cwd), capture_output=True, input=input,
-                          env={**os.environ, "GIT_AUTHOR_NAME": "Fake GitHub",
-                               "GIT_AUTHOR_EMAIL": "fake@github.local",
-                               "GIT_COMMITTER_NAME": "Fake GitHub",
-                               "GIT_COMMITTER_EMAIL": "fake@github.local"})
+    proc = subprocess.run(
+        ["git", *args],
+        cwd=str(cwd),
+        capture_output=True,
+        input=input,
+        env={
+            **os.environ,
+            "GIT_AUTHOR_NAME": "Fake GitHub",
+            "GIT_AUTHOR_EMAIL": "fake@github.local",
+            "GIT_COMMITTER_NAME": "Fake GitHub",
+            "GIT_COMMITTER_EMAIL": "fake@github.local",
+        },
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)}: {proc.stderr.decode(errors='replace')}")
     return proc.stdout.decode(errors="replace")
@@ -87,13 +95,20 @@ class FakeRepo:
 class FakeGitHub:
     """The server and its state. Tests change state directly through the helper methods."""
 
-    def __init__(self, root: Path, *, app_id: int = 4242, installation_id: int = 77,
-                 token_lifetime: timedelta = timedelta(hours=1)):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        app_id: int = 4242,
+        installation_id: int = 77,
+        token_lifetime: timedelta = timedelta(hours=1),
+    ):
         self.root = root
         (root / "git").mkdir(parents=True, exist_ok=True)
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.private_key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ).decode()
         self._public_key = key.public_key()
@@ -150,8 +165,9 @@ class FakeGitHub:
         path.parent.mkdir(parents=True, exist_ok=True)
         _git(self.root, "clone", "--quiet", "--bare", str(source), str(path))
         _git(path, "config", "http.receivepack", "true")
-        repo = FakeRepo(owner=owner, name=name, path=path, default_branch=default_branch,
-                        id=self.next_id())
+        repo = FakeRepo(
+            owner=owner, name=name, path=path, default_branch=default_branch, id=self.next_id()
+        )
         repo.permissions[owner] = "admin"
         self.repos[full_name] = repo
         return repo
@@ -159,33 +175,64 @@ class FakeGitHub:
     def open_issue(self, repo: FakeRepo, title: str, body: str, user: str) -> int:
         with self.lock:
             number = self._next_number(repo)
-            repo.issues[number] = {"id": self.next_id(), "title": title, "body": body,
-                                   "user": user, "state": "open", "labels": [], "pull": False,
-                                   "created_at": _now()}
+            repo.issues[number] = {
+                "id": self.next_id(),
+                "title": title,
+                "body": body,
+                "user": user,
+                "state": "open",
+                "labels": [],
+                "pull": False,
+                "created_at": _now(),
+            }
             return number
 
     def add_comment(self, repo: FakeRepo, number: int, body: str, user: str) -> int:
         with self.lock:
             cid = self.next_id()
-            repo.comments[cid] = {"issue": number, "body": body, "user": user,
-                                  "created_at": _now(), "updated_at": _now(), "edits": 0}
+            repo.comments[cid] = {
+                "issue": number,
+                "body": body,
+                "user": user,
+                "created_at": _now(),
+                "updated_at": _now(),
+                "edits": 0,
+            }
             return cid
 
-    def add_review(self, repo: FakeRepo, number: int, user: str, state: str, body: str,
-                   comments: list[tuple[str, int, str]] = ()) -> tuple[int, list[int]]:
+    def add_review(
+        self,
+        repo: FakeRepo,
+        number: int,
+        user: str,
+        state: str,
+        body: str,
+        comments: list[tuple[str, int, str]] = (),
+    ) -> tuple[int, list[int]]:
         """A review (APPROVED / CHANGES_REQUESTED / COMMENTED) with line comments."""
         with self.lock:
             review_id = self.next_id()
             pull = repo.pulls[number]
-            repo.reviews[review_id] = {"pull": number, "user": user, "state": state,
-                                       "body": body, "commit_id": self.branch_sha(repo, pull["head"]),
-                                       "submitted_at": _now()}
+            repo.reviews[review_id] = {
+                "pull": number,
+                "user": user,
+                "state": state,
+                "body": body,
+                "commit_id": self.branch_sha(repo, pull["head"]),
+                "submitted_at": _now(),
+            }
             ids = []
             for path, line, text in comments:
                 cid = self.next_id()
                 repo.review_comments[cid] = {
-                    "pull": number, "user": user, "path": path, "line": line, "body": text,
-                    "in_reply_to": None, "review_id": review_id, "created_at": _now(),
+                    "pull": number,
+                    "user": user,
+                    "path": path,
+                    "line": line,
+                    "body": text,
+                    "in_reply_to": None,
+                    "review_id": review_id,
+                    "created_at": _now(),
                     "commit_id": repo.reviews[review_id]["commit_id"],
                 }
                 ids.append(cid)
@@ -199,8 +246,15 @@ class FakeGitHub:
                 work = Path(tmp) / "w"
                 _git(tmp, "clone", "--quiet", "--branch", pull["base"], str(repo.path), str(work))
                 _git(work, "fetch", "--quiet", "origin", f"refs/heads/{pull['head']}")
-                _git(work, "merge", "--no-ff", "--quiet", "-m",
-                     f"Merge pull request #{number}", "FETCH_HEAD")
+                _git(
+                    work,
+                    "merge",
+                    "--no-ff",
+                    "--quiet",
+                    "-m",
+                    f"Merge pull request #{number}",
+                    "FETCH_HEAD",
+                )
                 _git(work, "push", "--quiet", "origin", f"HEAD:refs/heads/{pull['base']}")
                 sha = _git(work, "rev-parse", "HEAD").strip()
             pull.update(state="closed", merged=True, merge_commit_sha=sha, closed_at=_now())
@@ -216,15 +270,26 @@ class FakeGitHub:
         _git(repo.path, "update-ref", "-d", f"refs/heads/{branch}")
 
     def branch_sha(self, repo: FakeRepo, branch: str) -> str | None:
-        proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
-                              cwd=repo.path, capture_output=True, text=True)
+        proc = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
+            cwd=repo.path,
+            capture_output=True,
+            text=True,
+        )
         return proc.stdout.strip() or None
 
-    def fail_next(self, method: str, path_pattern: str, status: int,
-                  headers: dict[str, str] | None = None, message: str = "Server Error",
-                  times: int = 1) -> None:
-        self.faults.append(Fault(method, path_pattern, status, headers or {},
-                                 {"message": message}, times))
+    def fail_next(
+        self,
+        method: str,
+        path_pattern: str,
+        status: int,
+        headers: dict[str, str] | None = None,
+        message: str = "Server Error",
+        times: int = 1,
+    ) -> None:
+        self.faults.append(
+            Fault(method, path_pattern, status, headers or {}, {"message": message}, times)
+        )
 
     def comments_on(self, repo: FakeRepo, number: int) -> list[dict]:
         return [c for _, c in sorted(repo.comments.items()) if c["issue"] == number]
@@ -235,16 +300,25 @@ class FakeGitHub:
     # ------------------------------------------------------------ JSON shapes
 
     def user_json(self, base: str, login: str) -> dict:
-        return {"login": login, "id": abs(hash(login)) % 10_000_000, "type":
-                "Bot" if login.endswith("[bot]") else "User",
-                "url": f"{base}{API_PREFIX}/users/{login}", "html_url": f"{base}/{login}"}
+        return {
+            "login": login,
+            "id": abs(hash(login)) % 10_000_000,
+            "type": "Bot" if login.endswith("[bot]") else "User",
+            "url": f"{base}{API_PREFIX}/users/{login}",
+            "html_url": f"{base}/{login}",
+        }
 
     def repo_json(self, base: str, repo: FakeRepo) -> dict:
         api = f"{base}{API_PREFIX}/repos/{repo.full_name}"
         return {
-            "id": repo.id, "name": repo.name, "full_name": repo.full_name, "private": True,
-            "owner": self.user_json(base, repo.owner), "default_branch": repo.default_branch,
-            "url": api, "html_url": f"{base}/{repo.full_name}",
+            "id": repo.id,
+            "name": repo.name,
+            "full_name": repo.full_name,
+            "private": True,
+            "owner": self.user_json(base, repo.owner),
+            "default_branch": repo.default_branch,
+            "url": api,
+            "html_url": f"{base}/{repo.full_name}",
             "clone_url": f"{base}/{repo.full_name}.git",
             "permissions": {"admin": True, "push": True, "pull": True},
         }
@@ -253,30 +327,48 @@ class FakeGitHub:
         issue = repo.issues[number]
         api = f"{base}{API_PREFIX}/repos/{repo.full_name}"
         out = {
-            "id": issue["id"], "number": number, "title": issue["title"], "body": issue["body"],
-            "state": issue["state"], "user": self.user_json(base, issue["user"]),
+            "id": issue["id"],
+            "number": number,
+            "title": issue["title"],
+            "body": issue["body"],
+            "state": issue["state"],
+            "user": self.user_json(base, issue["user"]),
             "labels": [self.label_json(base, repo, name) for name in issue["labels"]],
-            "url": f"{api}/issues/{number}", "html_url": f"{base}/{repo.full_name}/issues/{number}",
+            "url": f"{api}/issues/{number}",
+            "html_url": f"{base}/{repo.full_name}/issues/{number}",
             "comments_url": f"{api}/issues/{number}/comments",
-            "repository_url": api, "created_at": issue["created_at"], "comments": 0,
+            "repository_url": api,
+            "created_at": issue["created_at"],
+            "comments": 0,
         }
         if issue["pull"]:
-            out["pull_request"] = {"url": f"{api}/pulls/{number}",
-                                   "html_url": f"{base}/{repo.full_name}/pull/{number}"}
+            out["pull_request"] = {
+                "url": f"{api}/pulls/{number}",
+                "html_url": f"{base}/{repo.full_name}/pull/{number}",
+            }
         return out
 
     def label_json(self, base: str, repo: FakeRepo, name: str) -> dict:
-        return {"id": abs(hash(name)) % 1_000_000, "name": name, "color": "ededed",
-                "url": f"{base}{API_PREFIX}/repos/{repo.full_name}/labels/{name}"}
+        return {
+            "id": abs(hash(name)) % 1_000_000,
+            "name": name,
+            "color": "ededed",
+            "url": f"{base}{API_PREFIX}/repos/{repo.full_name}/labels/{name}",
+        }
 
     def comment_json(self, base: str, repo: FakeRepo, cid: int) -> dict:
         c = repo.comments[cid]
         api = f"{base}{API_PREFIX}/repos/{repo.full_name}"
-        return {"id": cid, "body": c["body"], "user": self.user_json(base, c["user"]),
-                "url": f"{api}/issues/comments/{cid}",
-                "html_url": f"{base}/{repo.full_name}/issues/{c['issue']}#issuecomment-{cid}",
-                "issue_url": f"{api}/issues/{c['issue']}",
-                "created_at": c["created_at"], "updated_at": c["updated_at"]}
+        return {
+            "id": cid,
+            "body": c["body"],
+            "user": self.user_json(base, c["user"]),
+            "url": f"{api}/issues/comments/{cid}",
+            "html_url": f"{base}/{repo.full_name}/issues/{c['issue']}#issuecomment-{cid}",
+            "issue_url": f"{api}/issues/{c['issue']}",
+            "created_at": c["created_at"],
+            "updated_at": c["updated_at"],
+        }
 
     def pull_json(self, base: str, repo: FakeRepo, number: int) -> dict:
         p = repo.pulls[number]
@@ -287,31 +379,57 @@ class FakeGitHub:
         if p.get("merged"):
             base_sha = p.get("base_sha_at_merge", base_sha)
         return {
-            "id": p["id"], "number": number, "state": p["state"], "title": issue["title"],
-            "body": issue["body"], "user": self.user_json(base, issue["user"]),
-            "url": f"{api}/pulls/{number}", "html_url": f"{base}/{repo.full_name}/pull/{number}",
-            "issue_url": f"{api}/issues/{number}", "comments_url": f"{api}/issues/{number}/comments",
+            "id": p["id"],
+            "number": number,
+            "state": p["state"],
+            "title": issue["title"],
+            "body": issue["body"],
+            "user": self.user_json(base, issue["user"]),
+            "url": f"{api}/pulls/{number}",
+            "html_url": f"{base}/{repo.full_name}/pull/{number}",
+            "issue_url": f"{api}/issues/{number}",
+            "comments_url": f"{api}/issues/{number}/comments",
             "review_comments_url": f"{api}/pulls/{number}/comments",
-            "head": {"ref": p["head"], "sha": head_sha, "label": f"{repo.owner}:{p['head']}",
-                     "repo": self.repo_json(base, repo)},
-            "base": {"ref": p["base"], "sha": base_sha, "label": f"{repo.owner}:{p['base']}",
-                     "repo": self.repo_json(base, repo)},
-            "merged": p.get("merged", False), "merge_commit_sha": p.get("merge_commit_sha"),
+            "head": {
+                "ref": p["head"],
+                "sha": head_sha,
+                "label": f"{repo.owner}:{p['head']}",
+                "repo": self.repo_json(base, repo),
+            },
+            "base": {
+                "ref": p["base"],
+                "sha": base_sha,
+                "label": f"{repo.owner}:{p['base']}",
+                "repo": self.repo_json(base, repo),
+            },
+            "merged": p.get("merged", False),
+            "merge_commit_sha": p.get("merge_commit_sha"),
             "labels": [self.label_json(base, repo, n) for n in issue["labels"]],
-            "draft": False, "created_at": issue["created_at"], "closed_at": p.get("closed_at"),
+            "draft": False,
+            "created_at": issue["created_at"],
+            "closed_at": p.get("closed_at"),
             "merged_at": p.get("closed_at") if p.get("merged") else None,
         }
 
     def review_comment_json(self, base: str, repo: FakeRepo, cid: int) -> dict:
         c = repo.review_comments[cid]
         api = f"{base}{API_PREFIX}/repos/{repo.full_name}"
-        out = {"id": cid, "body": c["body"], "user": self.user_json(base, c["user"]),
-               "path": c["path"], "line": c["line"], "original_line": c["line"],
-               "pull_request_review_id": c["review_id"], "commit_id": c.get("commit_id"),
-               "url": f"{api}/pulls/comments/{cid}",
-               "html_url": f"{base}/{repo.full_name}/pull/{c['pull']}#discussion_r{cid}",
-               "pull_request_url": f"{api}/pulls/{c['pull']}",
-               "created_at": c["created_at"], "updated_at": c["created_at"], "side": "RIGHT"}
+        out = {
+            "id": cid,
+            "body": c["body"],
+            "user": self.user_json(base, c["user"]),
+            "path": c["path"],
+            "line": c["line"],
+            "original_line": c["line"],
+            "pull_request_review_id": c["review_id"],
+            "commit_id": c.get("commit_id"),
+            "url": f"{api}/pulls/comments/{cid}",
+            "html_url": f"{base}/{repo.full_name}/pull/{c['pull']}#discussion_r{cid}",
+            "pull_request_url": f"{api}/pulls/{c['pull']}",
+            "created_at": c["created_at"],
+            "updated_at": c["created_at"],
+            "side": "RIGHT",
+        }
         if c["in_reply_to"] is not None:
             out["in_reply_to_id"] = c["in_reply_to"]
         return out
@@ -319,48 +437,79 @@ class FakeGitHub:
     def review_json(self, base: str, repo: FakeRepo, rid: int) -> dict:
         r = repo.reviews[rid]
         api = f"{base}{API_PREFIX}/repos/{repo.full_name}"
-        return {"id": rid, "user": self.user_json(base, r["user"]), "body": r["body"],
-                "state": r["state"], "commit_id": r["commit_id"],
-                "submitted_at": r["submitted_at"],
-                "pull_request_url": f"{api}/pulls/{r['pull']}",
-                "html_url": f"{base}/{repo.full_name}/pull/{r['pull']}#pullrequestreview-{rid}"}
+        return {
+            "id": rid,
+            "user": self.user_json(base, r["user"]),
+            "body": r["body"],
+            "state": r["state"],
+            "commit_id": r["commit_id"],
+            "submitted_at": r["submitted_at"],
+            "pull_request_url": f"{api}/pulls/{r['pull']}",
+            "html_url": f"{base}/{repo.full_name}/pull/{r['pull']}#pullrequestreview-{rid}",
+        }
 
-    # ------------------------------------------------------------ webhook payloads (GitHub's shapes)
+    # ------------------------------------------------------------ webhook payloads (GitHub's)
 
     def payload(self, repo: FakeRepo, sender: str, **extra) -> dict:
-        return {"repository": self.repo_json(self.url, repo),
-                "sender": self.user_json(self.url, sender),
-                "installation": {"id": self.installation_id}, **extra}
+        return {
+            "repository": self.repo_json(self.url, repo),
+            "sender": self.user_json(self.url, sender),
+            "installation": {"id": self.installation_id},
+            **extra,
+        }
 
     def issue_labeled(self, repo: FakeRepo, number: int, label: str, sender: str) -> dict:
         with self.lock:
             if label not in repo.issues[number]["labels"]:
                 repo.issues[number]["labels"].append(label)
-        return self.payload(repo, sender, action="labeled",
-                            issue=self.issue_json(self.url, repo, number),
-                            label=self.label_json(self.url, repo, label))
+        return self.payload(
+            repo,
+            sender,
+            action="labeled",
+            issue=self.issue_json(self.url, repo, number),
+            label=self.label_json(self.url, repo, label),
+        )
 
     def issue_commented(self, repo: FakeRepo, number: int, body: str, sender: str) -> dict:
         cid = self.add_comment(repo, number, body, sender)
-        return self.payload(repo, sender, action="created",
-                            issue=self.issue_json(self.url, repo, number),
-                            comment=self.comment_json(self.url, repo, cid))
+        return self.payload(
+            repo,
+            sender,
+            action="created",
+            issue=self.issue_json(self.url, repo, number),
+            comment=self.comment_json(self.url, repo, cid),
+        )
 
     def review_submitted(self, repo: FakeRepo, number: int, review_id: int) -> dict:
         review = repo.reviews[review_id]
-        return self.payload(repo, review["user"], action="submitted",
-                            review={**self.review_json(self.url, repo, review_id),
-                                    "state": review["state"].lower()},
-                            pull_request=self.pull_json(self.url, repo, number))
+        return self.payload(
+            repo,
+            review["user"],
+            action="submitted",
+            review={
+                **self.review_json(self.url, repo, review_id),
+                "state": review["state"].lower(),
+            },
+            pull_request=self.pull_json(self.url, repo, number),
+        )
 
     def review_comment_created(self, repo: FakeRepo, number: int, cid: int) -> dict:
-        return self.payload(repo, repo.review_comments[cid]["user"], action="created",
-                            comment=self.review_comment_json(self.url, repo, cid),
-                            pull_request=self.pull_json(self.url, repo, number))
+        return self.payload(
+            repo,
+            repo.review_comments[cid]["user"],
+            action="created",
+            comment=self.review_comment_json(self.url, repo, cid),
+            pull_request=self.pull_json(self.url, repo, number),
+        )
 
     def pull_closed(self, repo: FakeRepo, number: int, sender: str) -> dict:
-        return self.payload(repo, sender, action="closed", number=number,
-                            pull_request=self.pull_json(self.url, repo, number))
+        return self.payload(
+            repo,
+            sender,
+            action="closed",
+            number=number,
+            pull_request=self.pull_json(self.url, repo, number),
+        )
 
     # ------------------------------------------------------------ requests
 
@@ -391,9 +540,12 @@ class FakeGitHub:
         with self.lock:
             self.tokens[token] = expires
             self.tokens_issued += 1
-        return {"token": token, "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "permissions": {"contents": "write", "issues": "write", "pull_requests": "write"},
-                "repository_selection": "all"}
+        return {
+            "token": token,
+            "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "permissions": {"contents": "write", "issues": "write", "pull_requests": "write"},
+            "repository_selection": "all",
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -452,7 +604,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(fault.status, fault.body, fault.headers)
         if not path.startswith(API_PREFIX):
             return self._send(404, {"message": "Not Found"})
-        path = path[len(API_PREFIX):]
+        path = path[len(API_PREFIX) :]
         auth = self.headers.get("Authorization", "")
         scheme, _, credential = auth.partition(" ")
         try:
@@ -486,12 +638,16 @@ class _Handler(BaseHTTPRequestHandler):
             full = path.split("/")[2] + "/" + path.split("/")[3]
             if full not in self.fake.repos:
                 return self._send(404, {"message": "Not Found"})
-            return self._send(200, {
-                "id": self.fake.installation_id, "app_id": self.fake.app_id,
-                "account": self.fake.user_json(self.base, full.split("/")[0]),
-                "access_tokens_url": f"{self.base}{API_PREFIX}/app/installations/"
-                                     f"{self.fake.installation_id}/access_tokens",
-            })
+            return self._send(
+                200,
+                {
+                    "id": self.fake.installation_id,
+                    "app_id": self.fake.app_id,
+                    "account": self.fake.user_json(self.base, full.split("/")[0]),
+                    "access_tokens_url": f"{self.base}{API_PREFIX}/app/installations/"
+                    f"{self.fake.installation_id}/access_tokens",
+                },
+            )
         return self._send(404, {"message": "Not Found"})
 
     # ------------------------------------------------------------ repository endpoints
@@ -502,27 +658,37 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, fake.repo_json(base, repo))
         if m := re.fullmatch(r"/contents/(.+)", rest):
             ref = query.get("ref") or repo.default_branch
-            proc = subprocess.run(["git", "show", f"{ref}:{m[1]}"], cwd=repo.path,
-                                  capture_output=True)
+            proc = subprocess.run(
+                ["git", "show", f"{ref}:{m[1]}"], cwd=repo.path, capture_output=True
+            )
             if proc.returncode != 0:
                 return self._send(404, {"message": "Not Found"})
             api = f"{base}{API_PREFIX}/repos/{repo.full_name}"
-            return self._send(200, {
-                "type": "file", "encoding": "base64", "name": m[1].rsplit("/", 1)[-1],
-                "path": m[1], "size": len(proc.stdout), "sha": secrets.token_hex(20),
-                "content": base64.b64encode(proc.stdout).decode(),
-                "url": f"{api}/contents/{m[1]}?ref={ref}",
-            })
+            return self._send(
+                200,
+                {
+                    "type": "file",
+                    "encoding": "base64",
+                    "name": m[1].rsplit("/", 1)[-1],
+                    "path": m[1],
+                    "size": len(proc.stdout),
+                    "sha": secrets.token_hex(20),
+                    "content": base64.b64encode(proc.stdout).decode(),
+                    "url": f"{api}/contents/{m[1]}?ref={ref}",
+                },
+            )
         if m := re.fullmatch(r"/branches/(.+)", rest):
             sha = fake.branch_sha(repo, m[1])
             if sha is None:
                 return self._send(404, {"message": "Branch not found"})
-            return self._send(200, {"name": m[1], "commit": {"sha": sha, "url": ""},
-                                    "protected": False})
+            return self._send(
+                200, {"name": m[1], "commit": {"sha": sha, "url": ""}, "protected": False}
+            )
         if m := re.fullmatch(r"/collaborators/([^/]+)/permission", rest):
             perm = repo.permissions.get(m[1], "read")
-            return self._send(200, {"permission": perm, "role_name": perm,
-                                    "user": fake.user_json(base, m[1])})
+            return self._send(
+                200, {"permission": perm, "role_name": perm, "user": fake.user_json(base, m[1])}
+            )
         if rest == "/pulls" and method == "GET":
             head = query.get("head")
             state = query.get("state", "open")
@@ -536,19 +702,45 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, out)
         if rest == "/pulls" and method == "POST":
             if fake.branch_sha(repo, data.get("head", "")) is None:
-                return self._send(422, {"message": "Validation Failed",
-                                        "errors": [{"field": "head", "code": "invalid"}]})
+                return self._send(
+                    422,
+                    {
+                        "message": "Validation Failed",
+                        "errors": [{"field": "head", "code": "invalid"}],
+                    },
+                )
             for p in repo.pulls.values():
                 if p["head"] == data["head"] and p["state"] == "open":
-                    return self._send(422, {"message": "Validation Failed", "errors": [
-                        {"message": f"A pull request already exists for {repo.owner}:{data['head']}."}]})
+                    return self._send(
+                        422,
+                        {
+                            "message": "Validation Failed",
+                            "errors": [
+                                {
+                                    "message": "A pull request already exists for "
+                                    f"{repo.owner}:{data['head']}."
+                                }
+                            ],
+                        },
+                    )
             number = fake._next_number(repo)
-            repo.issues[number] = {"id": fake.next_id(), "title": data["title"],
-                                   "body": data.get("body") or "", "user": BOT_LOGIN,
-                                   "state": "open", "labels": [], "pull": True,
-                                   "created_at": _now()}
-            repo.pulls[number] = {"id": fake.next_id(), "head": data["head"],
-                                  "base": data["base"], "state": "open", "merged": False}
+            repo.issues[number] = {
+                "id": fake.next_id(),
+                "title": data["title"],
+                "body": data.get("body") or "",
+                "user": BOT_LOGIN,
+                "state": "open",
+                "labels": [],
+                "pull": True,
+                "created_at": _now(),
+            }
+            repo.pulls[number] = {
+                "id": fake.next_id(),
+                "head": data["head"],
+                "base": data["base"],
+                "state": "open",
+                "merged": False,
+            }
             return self._send(201, fake.pull_json(base, repo, number))
         if m := re.fullmatch(r"/pulls/comments/(\d+)", rest):
             if int(m[1]) not in repo.review_comments:
@@ -581,9 +773,14 @@ class _Handler(BaseHTTPRequestHandler):
                 cid = fake.add_comment(repo, number, data["body"], BOT_LOGIN)
                 return self._send(201, fake.comment_json(base, repo, cid))
             if sub == "/comments" and method == "GET":
-                return self._send(200, [fake.comment_json(base, repo, cid)
-                                        for cid, c in sorted(repo.comments.items())
-                                        if c["issue"] == number])
+                return self._send(
+                    200,
+                    [
+                        fake.comment_json(base, repo, cid)
+                        for cid, c in sorted(repo.comments.items())
+                        if c["issue"] == number
+                    ],
+                )
             if sub == "/reactions" and method == "POST":
                 return self._react(repo, "issue", number, data)
             if sub == "/labels" and method == "POST":
@@ -592,17 +789,29 @@ class _Handler(BaseHTTPRequestHandler):
                     repo.labels.add(name)
                     if name not in repo.issues[number]["labels"]:
                         repo.issues[number]["labels"].append(name)
-                return self._send(200, [fake.label_json(base, repo, n)
-                                        for n in repo.issues[number]["labels"]])
+                return self._send(
+                    200, [fake.label_json(base, repo, n) for n in repo.issues[number]["labels"]]
+                )
         return self._send(404, {"message": f"Not Found ({method} {rest})"})
 
     def _react(self, repo: FakeRepo, kind: str, target: int, data: dict) -> None:
-        reaction = {"id": self.fake.next_id(), "content": data.get("content"), "on": kind,
-                    "target": target, "user": BOT_LOGIN}
+        reaction = {
+            "id": self.fake.next_id(),
+            "content": data.get("content"),
+            "on": kind,
+            "target": target,
+            "user": BOT_LOGIN,
+        }
         repo.reactions.append(reaction)
-        return self._send(201, {"id": reaction["id"], "content": reaction["content"],
-                                "user": self.fake.user_json(self.base, BOT_LOGIN),
-                                "created_at": _now()})
+        return self._send(
+            201,
+            {
+                "id": reaction["id"],
+                "content": reaction["content"],
+                "user": self.fake.user_json(self.base, BOT_LOGIN),
+                "created_at": _now(),
+            },
+        )
 
     def _pull(self, method: str, repo: FakeRepo, number: int, sub: str, data: dict) -> None:
         fake, base = self.fake, self.base
@@ -625,25 +834,46 @@ class _Handler(BaseHTTPRequestHandler):
             for line in _git(repo.path, "diff", "--numstat", merge_base, head).splitlines():
                 added, deleted, name = line.split("\t", 2)
                 patch = _git(repo.path, "diff", merge_base, head, "--", name)
-                patch = patch[patch.find("@@"):] if "@@" in patch else ""
-                files.append({"sha": secrets.token_hex(20), "filename": name,
-                              "status": "modified", "additions": int(added),
-                              "deletions": int(deleted), "changes": int(added) + int(deleted),
-                              "patch": patch, "blob_url": "", "raw_url": "", "contents_url": ""})
+                patch = patch[patch.find("@@") :] if "@@" in patch else ""
+                files.append(
+                    {
+                        "sha": secrets.token_hex(20),
+                        "filename": name,
+                        "status": "modified",
+                        "additions": int(added),
+                        "deletions": int(deleted),
+                        "changes": int(added) + int(deleted),
+                        "patch": patch,
+                        "blob_url": "",
+                        "raw_url": "",
+                        "contents_url": "",
+                    }
+                )
             return self._send(200, files)
         if sub == "/comments" and method == "GET":
-            return self._send(200, [fake.review_comment_json(base, repo, cid)
-                                    for cid, c in sorted(repo.review_comments.items())
-                                    if c["pull"] == number])
+            return self._send(
+                200,
+                [
+                    fake.review_comment_json(base, repo, cid)
+                    for cid, c in sorted(repo.review_comments.items())
+                    if c["pull"] == number
+                ],
+            )
         if m := re.fullmatch(r"/comments/(\d+)/replies", sub):
             parent = repo.review_comments.get(int(m[1]))
             if parent is None or method != "POST":
                 return self._send(404, {"message": "Not Found"})
             cid = fake.next_id()
             repo.review_comments[cid] = {
-                "pull": number, "user": BOT_LOGIN, "path": parent["path"], "line": parent["line"],
-                "body": data["body"], "in_reply_to": int(m[1]), "review_id": None,
-                "created_at": _now(), "commit_id": parent.get("commit_id"),
+                "pull": number,
+                "user": BOT_LOGIN,
+                "path": parent["path"],
+                "line": parent["line"],
+                "body": data["body"],
+                "in_reply_to": int(m[1]),
+                "review_id": None,
+                "created_at": _now(),
+                "commit_id": parent.get("commit_id"),
             }
             return self._send(201, fake.review_comment_json(base, repo, cid))
         if m := re.fullmatch(r"/reviews/(\d+)(/comments)?", sub):
@@ -651,9 +881,14 @@ class _Handler(BaseHTTPRequestHandler):
             if rid not in repo.reviews:
                 return self._send(404, {"message": "Not Found"})
             if m[2]:
-                return self._send(200, [fake.review_comment_json(base, repo, cid)
-                                        for cid, c in sorted(repo.review_comments.items())
-                                        if c["review_id"] == rid])
+                return self._send(
+                    200,
+                    [
+                        fake.review_comment_json(base, repo, cid)
+                        for cid, c in sorted(repo.review_comments.items())
+                        if c["review_id"] == rid
+                    ],
+                )
             return self._send(200, fake.review_json(base, repo, rid))
         return self._send(404, {"message": f"Not Found ({method} pulls/{number}{sub})"})
 
@@ -680,11 +915,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self._body()
         env = {
-            "PATH": os.environ.get("PATH", ""), "GIT_PROJECT_ROOT": str(self.fake.root / "git"),
-            "GIT_HTTP_EXPORT_ALL": "1", "REQUEST_METHOD": method,
-            "PATH_INFO": unquote(split.path), "QUERY_STRING": split.query,
+            "PATH": os.environ.get("PATH", ""),
+            "GIT_PROJECT_ROOT": str(self.fake.root / "git"),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "REQUEST_METHOD": method,
+            "PATH_INFO": unquote(split.path),
+            "QUERY_STRING": split.query,
             "CONTENT_TYPE": self.headers.get("Content-Type", ""),
-            "CONTENT_LENGTH": str(len(body)), "REMOTE_USER": "x-access-token",
+            "CONTENT_LENGTH": str(len(body)),
+            "REMOTE_USER": "x-access-token",
             "REMOTE_ADDR": "127.0.0.1",
         }
         if self.headers.get("Content-Encoding"):

@@ -36,10 +36,18 @@ def shout(text):
     """Upper-case text with an exclamation mark."""
     return text.upper() + "!"
 '''
-GOOD = f"textutil.py\n```python\n{HELPERS}\n\ndef whisper(text):\n    return text.lower() + \"...\"\n```\n"
-REVISED = (f"textutil.py\n```python\n{HELPERS}\n\ndef whisper(text):\n"
-           "    \"\"\"Lower-case text trailing off.\"\"\"\n    return text.lower() + \"...\"\n```\n")
-FILES = {**SAMPLE_FILES, ".codeloop.yml": "test_command: python -m pytest -q\nlabels: [codeloop-pr]\n"}
+GOOD = (
+    f"textutil.py\n```python\n{HELPERS}\n\ndef whisper(text):\n"
+    '    return text.lower() + "..."\n```\n'
+)
+REVISED = (
+    f"textutil.py\n```python\n{HELPERS}\n\ndef whisper(text):\n"
+    '    """Lower-case text trailing off."""\n    return text.lower() + "..."\n```\n'
+)
+FILES = {
+    **SAMPLE_FILES,
+    ".codeloop.yml": "test_command: python -m pytest -q\nlabels: [codeloop-pr]\n",
+}
 ISSUE_TITLE = "Add a whisper(text) helper"
 ISSUE_BODY = "whisper(text) returns the text in lower case followed by '...'."
 
@@ -56,15 +64,17 @@ def bot_comments(env, number: int) -> list[dict]:
 
 
 def git(env, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=env.repo.path, check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["git", *args], cwd=env.repo.path, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def open_pr(env, delivery_id: str = "d-label-1") -> tuple[int, int]:
     """Issue by alice, labelled → the bot's pull request. Returns (issue, pull number)."""
     issue = env.fake.open_issue(env.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
-    answer = env.deliver("issues", env.fake.issue_labeled(env.repo, issue, "codeloop", "alice"),
-                         delivery_id)
+    answer = env.deliver(
+        "issues", env.fake.issue_labeled(env.repo, issue, "codeloop", "alice"), delivery_id
+    )
     assert answer.status_code == 202, answer.text
     env.work()
     assert len(env.repo.pulls) == 1, env.fake.comments_on(env.repo, issue)
@@ -93,7 +103,8 @@ def test_labelled_issue_becomes_one_pull_request_with_progress(env, caplog):
     assert env.repo.issues[number]["labels"] == ["codeloop-pr"]  # from .codeloop.yml
     # 👀 on the issue, one status comment edited in place, ending with the PR link.
     assert [(r["on"], r["target"], r["content"]) for r in env.repo.reactions] == [
-        ("issue", issue, "eyes")]
+        ("issue", issue, "eyes")
+    ]
     status = bot_comments(env, issue)
     assert len(status) == 1 and status[0]["edits"] >= 4
     pr_url = f"{env.fake.url}/{REPO}/pull/{number}"
@@ -142,8 +153,12 @@ def test_user_without_write_permission_gets_one_comment_and_no_job(env):
 def test_other_labels_and_bot_comments_start_nothing(env):
     issue = env.fake.open_issue(env.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
     env.deliver("issues", env.fake.issue_labeled(env.repo, issue, "bug", "alice"))
-    env.deliver("issue_comment", env.fake.issue_commented(env.repo, issue, "@codeloop-ci hi", "alice"))
-    env.deliver("issue_comment", env.fake.issue_commented(env.repo, issue, "@codeloop go", BOT_LOGIN))
+    env.deliver(
+        "issue_comment", env.fake.issue_commented(env.repo, issue, "@codeloop-ci hi", "alice")
+    )
+    env.deliver(
+        "issue_comment", env.fake.issue_commented(env.repo, issue, "@codeloop go", BOT_LOGIN)
+    )
     env.work()
     with env.runtime.store.session() as s:
         notes = s.scalars(select(Delivery.note).order_by(Delivery.id)).all()
@@ -160,16 +175,27 @@ def test_changes_requested_with_two_line_comments_is_one_commit_and_two_replies(
     branch = env.repo.pulls[number]["head"]
     before = env.fake.branch_sha(env.repo, branch)
     review_id, comment_ids = env.fake.add_review(
-        env.repo, number, "alice", "CHANGES_REQUESTED", "Almost there.",
-        comments=[("textutil.py", 14, "Give whisper a docstring."),
-                  ("tests/test_textutil.py", 9, "Add a test for whisper.")],
+        env.repo,
+        number,
+        "alice",
+        "CHANGES_REQUESTED",
+        "Almost there.",
+        comments=[
+            ("textutil.py", 14, "Give whisper a docstring."),
+            ("tests/test_textutil.py", 9, "Add a test for whisper."),
+        ],
     )
     # GitHub sends the review and each of its line comments as separate deliveries.
-    assert env.deliver("pull_request_review",
-                       env.fake.review_submitted(env.repo, number, review_id)).status_code == 202
+    assert (
+        env.deliver(
+            "pull_request_review", env.fake.review_submitted(env.repo, number, review_id)
+        ).status_code
+        == 202
+    )
     for cid in comment_ids:
-        env.deliver("pull_request_review_comment",
-                    env.fake.review_comment_created(env.repo, number, cid))
+        env.deliver(
+            "pull_request_review_comment", env.fake.review_comment_created(env.repo, number, cid)
+        )
     env.work()
 
     # One new commit on the same branch, addressing both comments together.
@@ -177,17 +203,25 @@ def test_changes_requested_with_two_line_comments_is_one_commit_and_two_replies(
     assert "Lower-case text trailing off" in git(env, "show", f"{branch}:textutil.py")
     assert len(env.repo.pulls) == 1
     # A reply on each comment saying what was done or why not.
-    replies = {c["in_reply_to"]: c["body"] for c in env.repo.review_comments.values()
-               if c["user"] == BOT_LOGIN}
+    replies = {
+        c["in_reply_to"]: c["body"]
+        for c in env.repo.review_comments.values()
+        if c["user"] == BOT_LOGIN
+    }
     assert set(replies) == set(comment_ids)
     assert replies[comment_ids[0]].startswith("Addressed in")
     assert replies[comment_ids[1]].startswith("Not changed in")
     with env.runtime.store.session() as s:
         signals = s.scalars(select(ReviewSignal).order_by(ReviewSignal.id)).all()
-        assert sorted(sig.kind for sig in signals) == ["changes_requested", "line_comment",
-                                                       "line_comment"]
+        assert sorted(sig.kind for sig in signals) == [
+            "changes_requested",
+            "line_comment",
+            "line_comment",
+        ]
         assert {(sig.path, sig.line) for sig in signals if sig.kind == "line_comment"} == {
-            ("textutil.py", 14), ("tests/test_textutil.py", 9)}
+            ("textutil.py", 14),
+            ("tests/test_textutil.py", 9),
+        }
         assert all(sig.model_version == "scripted" for sig in signals)
         pr = s.scalar(select(PullRequest))
         assert [r.trigger for r in pr.revisions] == ["initial", "review"]
@@ -195,19 +229,32 @@ def test_changes_requested_with_two_line_comments_is_one_commit_and_two_replies(
         job = s.scalar(select(Job).where(Job.kind == "revise"))
         assert job.state == "succeeded"
         assert "Give whisper a docstring." in job.feedback and "Add a test" in job.feedback
-        assert s.scalar(select(func.count()).select_from(GitHubReviewReply)
-                        .where(GitHubReviewReply.reply_id.is_not(None))) == 2
+        assert (
+            s.scalar(
+                select(func.count())
+                .select_from(GitHubReviewReply)
+                .where(GitHubReviewReply.reply_id.is_not(None))
+            )
+            == 2
+        )
     # The revision's progress is one status comment on the pull request.
     on_pr = bot_comments(env, number)
     assert len(on_pr) == 1 and on_pr[0]["body"].rstrip().endswith(
-        f"{env.fake.url}/{REPO}/pull/{number}")
+        f"{env.fake.url}/{REPO}/pull/{number}"
+    )
 
 
 def test_a_branch_deleted_before_the_revision_ends_it_with_a_message(env):
     issue, number = open_pr(env)
     env.fake.delete_branch(env.repo, env.repo.pulls[number]["head"])
-    review_id, (cid,) = env.fake.add_review(env.repo, number, "alice", "CHANGES_REQUESTED", "",
-                                            comments=[("textutil.py", 3, "Rename this.")])
+    review_id, (cid,) = env.fake.add_review(
+        env.repo,
+        number,
+        "alice",
+        "CHANGES_REQUESTED",
+        "",
+        comments=[("textutil.py", 3, "Rename this.")],
+    )
     env.deliver("pull_request_review", env.fake.review_submitted(env.repo, number, review_id))
     env.work()
     with env.runtime.store.session() as s:
@@ -221,11 +268,17 @@ def test_a_branch_deleted_before_the_revision_ends_it_with_a_message(env):
 
 def test_merged_and_closed_unmerged_outcomes_are_stored(env):
     issue, number = open_pr(env)
-    env.deliver("pull_request_review", env.fake.review_submitted(
-        env.repo, number, env.fake.add_review(env.repo, number, "alice", "APPROVED", "LGTM")[0]))
+    env.deliver(
+        "pull_request_review",
+        env.fake.review_submitted(
+            env.repo, number, env.fake.add_review(env.repo, number, "alice", "APPROVED", "LGTM")[0]
+        ),
+    )
     merge_sha = env.fake.merge_pull(env.repo, number)
-    assert env.deliver("pull_request", env.fake.pull_closed(env.repo, number, "alice")
-                       ).status_code == 202
+    assert (
+        env.deliver("pull_request", env.fake.pull_closed(env.repo, number, "alice")).status_code
+        == 202
+    )
     env.work()
     with env.runtime.store.session() as s:
         pr = s.scalar(select(PullRequest))
@@ -259,32 +312,58 @@ def test_every_merged_pull_request_of_the_repository_is_stored(env):
     subprocess.run(["git", "clone", "-q", str(env.repo.path), str(work)], check=True)
     (work / "textutil.py").write_text(HELPERS + "\n\ndef title(text):\n    return text.title()\n")
     subprocess.run(["git", "-C", str(work), "checkout", "-qb", "feature"], check=True)
-    subprocess.run(["git", "-C", str(work), "-c", "user.name=Bob", "-c", "user.email=b@x",
-                    "commit", "-qam", "title()"], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(work),
+            "-c",
+            "user.name=Bob",
+            "-c",
+            "user.email=b@x",
+            "commit",
+            "-qam",
+            "title()",
+        ],
+        check=True,
+    )
     subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "feature"], check=True)
     issue = env.fake.open_issue(env.repo, "Need title()", "Title-case helper please", "bob")
     number = env.fake.open_issue(env.repo, "Add title()", f"Fixes #{issue}", "bob")
     env.repo.issues[number]["pull"] = True
-    env.repo.pulls[number] = {"id": env.fake.next_id(), "head": "feature", "base": "main",
-                              "state": "open", "merged": False}
+    env.repo.pulls[number] = {
+        "id": env.fake.next_id(),
+        "head": "feature",
+        "base": "main",
+        "state": "open",
+        "merged": False,
+    }
     env.fake.merge_pull(env.repo, number)
     env.deliver("pull_request", env.fake.pull_closed(env.repo, number, "bob"))
     env.work()
     with env.runtime.store.session() as s:
         change = s.scalar(select(MergedChange))
         assert change.by_bot is False and change.author == "bob"
-        assert change.issue_title == "Need title()" and change.issue_body == "Title-case helper please"
+        assert (
+            change.issue_title == "Need title()" and change.issue_body == "Title-case helper please"
+        )
         assert "+def title(text):" in change.diff
         assert s.scalar(select(func.count()).select_from(ReviewSignal)) == 0
 
 
 def test_github_5xx_and_secondary_rate_limit_are_retried(env):
-    env.fake.fail_next("GET", r"/collaborators/alice/permission$", 403, {"Retry-After": "1"},
-                       "You have exceeded a secondary rate limit. Please wait a few minutes "
-                       "before you try again.")
+    env.fake.fail_next(
+        "GET",
+        r"/collaborators/alice/permission$",
+        403,
+        {"Retry-After": "1"},
+        "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.",
+    )
     env.fake.fail_next("POST", r"/repos/acme/widgets/pulls$", 502, message="Bad Gateway")
     issue, number = open_pr(env)
-    statuses = [(m, p, st) for m, p, st in env.fake.log if "/permission" in p or p.endswith("/pulls")]
+    statuses = [
+        (m, p, st) for m, p, st in env.fake.log if "/permission" in p or p.endswith("/pulls")
+    ]
     assert [st for m, p, st in statuses if "/permission" in p][:2] == [403, 200]
     assert [st for m, p, st in statuses if m == "POST"] == [502, 201]
     with env.runtime.store.session() as s:
@@ -292,8 +371,7 @@ def test_github_5xx_and_secondary_rate_limit_are_retried(env):
 
 
 def test_when_github_keeps_failing_the_issue_is_told(env):
-    env.fake.fail_next("POST", r"/repos/acme/widgets/pulls$", 502, message="Bad Gateway",
-                       times=10)
+    env.fake.fail_next("POST", r"/repos/acme/widgets/pulls$", 502, message="Bad Gateway", times=10)
     issue = env.fake.open_issue(env.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
     env.deliver("issues", env.fake.issue_labeled(env.repo, issue, "codeloop", "alice"))
     env.work()

@@ -74,13 +74,22 @@ class GitHubForge:
                 mirror.mkdir(parents=True, exist_ok=True)
                 git.git(mirror, "init", "--quiet", "--bare")
             try:
-                git.git(mirror, "fetch", "--quiet", "--prune", "--force", remote.clone_url,
-                        "+refs/heads/*:refs/heads/*", env=self.clients.git_env(remote.full_name))
+                git.git(
+                    mirror,
+                    "fetch",
+                    "--quiet",
+                    "--prune",
+                    "--force",
+                    remote.clone_url,
+                    "+refs/heads/*:refs/heads/*",
+                    env=self.clients.git_env(remote.full_name),
+                )
                 git.git(mirror, "symbolic-ref", "HEAD", f"refs/heads/{remote.default_branch}")
             except git.GitError as exc:
                 raise ForgeError(f"could not fetch {remote.full_name}: {exc}") from exc
-        return RepoInfo(repo=remote.full_name, clone_url=str(mirror),
-                        default_branch=remote.default_branch)
+        return RepoInfo(
+            repo=remote.full_name, clone_url=str(mirror), default_branch=remote.default_branch
+        )
 
     def read_file(self, repo: RepoInfo, ref: str, path: str) -> str | None:
         from github import GithubException, UnknownObjectException
@@ -108,8 +117,14 @@ class GitHubForge:
     def push_branch(self, repo: RepoInfo, workdir: Path, branch: str) -> None:
         url = self._urls.get(repo.repo) or self._repo(repo.repo).clone_url
         try:
-            git.git(workdir, "push", "--quiet", url, f"HEAD:refs/heads/{branch}",
-                    env=self.clients.git_env(repo.repo))
+            git.git(
+                workdir,
+                "push",
+                "--quiet",
+                url,
+                f"HEAD:refs/heads/{branch}",
+                env=self.clients.git_env(repo.repo),
+            )
         except git.GitError as exc:
             raise ForgeError(f"could not push {branch} to {repo.repo}: {exc}") from exc
 
@@ -145,7 +160,9 @@ class GitHubForge:
 
     def _labels(self, repo: RepoInfo) -> list[str]:
         try:
-            return parse_repo_config(self.read_file(repo, repo.default_branch, ".codeloop.yml")).labels
+            return parse_repo_config(
+                self.read_file(repo, repo.default_branch, ".codeloop.yml")
+            ).labels
         except RepoConfigError:
             return []
 

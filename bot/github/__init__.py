@@ -19,8 +19,14 @@ def configured(settings: Settings) -> bool:
     )
 
 
-def install(settings: Settings, store, by_source: dict, handlers: dict,
-            enqueue_job: Callable[[int], object], clients=None):
+def install(
+    settings: Settings,
+    store,
+    by_source: dict,
+    handlers: dict,
+    enqueue_job: Callable[[int], object],
+    clients=None,
+):
     """Register the GitHub notifier and delivery handler; returns the clients used."""
     from bot.github.auth import GitHubClients
     from bot.github.handler import GitHubHandler

@@ -60,8 +60,12 @@ class GitHubClients:
         s = self.settings
         # raise_on_status=False: when retries run out, PyGithub raises GithubException with
         # GitHub's last answer (status and message) instead of a bare RetryError.
-        return GithubRetry(total=s.max_retries, backoff_factor=s.retry_backoff,
-                           secondary_rate_wait=s.secondary_rate_wait, raise_on_status=False)
+        return GithubRetry(
+            total=s.max_retries,
+            backoff_factor=s.retry_backoff,
+            secondary_rate_wait=s.secondary_rate_wait,
+            raise_on_status=False,
+        )
 
     def _app_auth(self):
         from github import Auth
@@ -75,8 +79,7 @@ class GitHubClients:
         return Auth.AppAuth(self.settings.app_id, key)
 
     def _kwargs(self) -> dict:
-        return {"base_url": self.settings.api_url.rstrip("/"), "retry": self.retry(),
-                "timeout": 30}
+        return {"base_url": self.settings.api_url.rstrip("/"), "retry": self.retry(), "timeout": 30}
 
     # ------------------------------------------------------------ clients
 

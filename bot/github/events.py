@@ -13,8 +13,13 @@ from typing import Any
 
 from bot.deliveries import Ignored
 
-EVENTS = {"issues", "issue_comment", "pull_request", "pull_request_review",
-          "pull_request_review_comment"}
+EVENTS = {
+    "issues",
+    "issue_comment",
+    "pull_request",
+    "pull_request_review",
+    "pull_request_review_comment",
+}
 
 
 class MalformedPayload(ValueError):
@@ -167,69 +172,84 @@ def parse(event: str, payload: Any) -> Event:
     if event == "issues":
         if action != "labeled":
             raise Ignored(f"issues.{action} is not a trigger")
-        issue = _get(payload, "issue")
         return Trigger(
-            repo=repo, installation_id=installation, number=_int(issue, "number"),
-            title=_str(issue, "title"), body=_str(issue, "body", optional=True),
-            sender=sender, sender_is_bot=sender_is_bot,
-            on_pull_request=isinstance(issue, dict) and "pull_request" in issue,
+            repo=repo,
+            installation_id=installation,
+            number=_int(payload, "issue", "number"),
+            title=_str(payload, "issue", "title"),
+            body=_str(payload, "issue", "body", optional=True),
+            sender=sender,
+            sender_is_bot=sender_is_bot,
+            on_pull_request=_opt(payload, "issue", "pull_request") is not None,
             label=_str(payload, "label", "name"),
         )
     if event == "issue_comment":
         if action != "created":
             raise Ignored(f"issue_comment.{action} is not a trigger")
-        issue = _get(payload, "issue")
         return Trigger(
-            repo=repo, installation_id=installation, number=_int(issue, "number"),
-            title=_str(issue, "title"), body=_str(issue, "body", optional=True),
-            sender=sender, sender_is_bot=sender_is_bot or _is_bot(_opt(payload, "comment", "user")),
-            on_pull_request=isinstance(issue, dict) and "pull_request" in issue,
+            repo=repo,
+            installation_id=installation,
+            number=_int(payload, "issue", "number"),
+            title=_str(payload, "issue", "title"),
+            body=_str(payload, "issue", "body", optional=True),
+            sender=sender,
+            sender_is_bot=sender_is_bot or _is_bot(_opt(payload, "comment", "user")),
+            on_pull_request=_opt(payload, "issue", "pull_request") is not None,
             comment_id=_int(payload, "comment", "id"),
             comment_body=_str(payload, "comment", "body", optional=True),
         )
     if event == "pull_request_review":
         if action != "submitted":
             raise Ignored(f"pull_request_review.{action} is not stored")
-        review = _get(payload, "review")
-        state = _str(review, "state").lower()
+        state = _str(payload, "review", "state").lower()
         if state not in ("approved", "changes_requested", "commented"):
             raise Ignored(f"a review in state {state!r} is not stored")
         return ReviewSubmitted(
-            repo=repo, installation_id=installation,
-            pr_number=_int(payload, "pull_request", "number"), review_id=_int(review, "id"),
-            state=state, body=_str(review, "body", optional=True),
-            author=_str(review, "user", "login", optional=True) or sender,
-            author_is_bot=_is_bot(review.get("user")) or sender_is_bot,
+            repo=repo,
+            installation_id=installation,
+            pr_number=_int(payload, "pull_request", "number"),
+            review_id=_int(payload, "review", "id"),
+            state=state,
+            body=_str(payload, "review", "body", optional=True),
+            author=_str(payload, "review", "user", "login", optional=True) or sender,
+            author_is_bot=_is_bot(_opt(payload, "review", "user")) or sender_is_bot,
         )
     if event == "pull_request_review_comment":
         if action != "created":
             raise Ignored(f"pull_request_review_comment.{action} is not stored")
-        comment = _get(payload, "comment")
-        line = _int(comment, "line", optional=True)
+        line = _int(payload, "comment", "line", optional=True)
         if line is None:
-            line = _int(comment, "original_line", optional=True)
+            line = _int(payload, "comment", "original_line", optional=True)
         return ReviewCommentCreated(
-            repo=repo, installation_id=installation,
-            pr_number=_int(payload, "pull_request", "number"), comment_id=_int(comment, "id"),
-            review_id=_int(comment, "pull_request_review_id", optional=True),
-            body=_str(comment, "body", optional=True),
-            author=_str(comment, "user", "login", optional=True) or sender,
-            author_is_bot=_is_bot(comment.get("user")) or sender_is_bot,
-            path=_str(comment, "path", optional=True) or None, line=line,
-            in_reply_to=_int(comment, "in_reply_to_id", optional=True),
+            repo=repo,
+            installation_id=installation,
+            pr_number=_int(payload, "pull_request", "number"),
+            comment_id=_int(payload, "comment", "id"),
+            review_id=_int(payload, "comment", "pull_request_review_id", optional=True),
+            body=_str(payload, "comment", "body", optional=True),
+            author=_str(payload, "comment", "user", "login", optional=True) or sender,
+            author_is_bot=_is_bot(_opt(payload, "comment", "user")) or sender_is_bot,
+            path=_str(payload, "comment", "path", optional=True) or None,
+            line=line,
+            in_reply_to=_int(payload, "comment", "in_reply_to_id", optional=True),
         )
     # pull_request
     if action != "closed":
         raise Ignored(f"pull_request.{action} is not stored")
-    pull = _get(payload, "pull_request")
-    merged = _get(pull, "merged")
+    merged = _get(payload, "pull_request", "merged")
     if not isinstance(merged, bool):
         raise MalformedPayload("pull_request.merged is not a boolean")
     return PullRequestClosed(
-        repo=repo, installation_id=installation, number=_int(pull, "number"), merged=merged,
-        title=_str(pull, "title"), body=_str(pull, "body", optional=True),
-        author=_str(pull, "user", "login", optional=True), sender=sender,
-        head_ref=_str(pull, "head", "ref"), base_ref=_str(pull, "base", "ref"),
-        base_sha=_str(pull, "base", "sha", optional=True) or None,
-        merge_sha=_str(pull, "merge_commit_sha", optional=True) or None,
+        repo=repo,
+        installation_id=installation,
+        number=_int(payload, "pull_request", "number"),
+        merged=merged,
+        title=_str(payload, "pull_request", "title"),
+        body=_str(payload, "pull_request", "body", optional=True),
+        author=_str(payload, "pull_request", "user", "login", optional=True),
+        sender=sender,
+        head_ref=_str(payload, "pull_request", "head", "ref"),
+        base_ref=_str(payload, "pull_request", "base", "ref"),
+        base_sha=_str(payload, "pull_request", "base", "sha", optional=True) or None,
+        merge_sha=_str(payload, "pull_request", "merge_commit_sha", optional=True) or None,
     )

@@ -60,8 +60,14 @@ def linked_issue(body: str | None) -> int | None:
 class GitHubHandler:
     """`deliveries` handler for source "github"."""
 
-    def __init__(self, settings: Settings, store: Store, clients: GitHubClients,
-                 notifier: GitHubNotifier, enqueue_job: Callable[[int], object]):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        clients: GitHubClients,
+        notifier: GitHubNotifier,
+        enqueue_job: Callable[[int], object],
+    ):
         self.settings = settings
         self.store = store
         self.clients = clients
@@ -91,9 +97,13 @@ class GitHubHandler:
     def _bot_pr(self, repo: str, number: int) -> tuple[int, int, str] | None:
         """(pull request row id, request id, state) of a pull request codeloop opened."""
         with self.store.session() as s:
-            pr = s.scalar(select(PullRequest).where(
-                PullRequest.forge == "github", PullRequest.repo == repo,
-                PullRequest.number == number))
+            pr = s.scalar(
+                select(PullRequest).where(
+                    PullRequest.forge == "github",
+                    PullRequest.repo == repo,
+                    PullRequest.number == number,
+                )
+            )
             return None if pr is None else (pr.id, pr.request_id, pr.state)
 
     def _open_pr_for_issue(self, repo: str, issue: int) -> tuple[int, int] | None:
@@ -101,8 +111,12 @@ class GitHubHandler:
             rows = s.execute(
                 select(PullRequest.id, PullRequest.request_id, Request.reply_to)
                 .join(Request, Request.id == PullRequest.request_id)
-                .where(PullRequest.forge == "github", PullRequest.repo == repo,
-                       PullRequest.state == "open", Request.source == "github")
+                .where(
+                    PullRequest.forge == "github",
+                    PullRequest.repo == repo,
+                    PullRequest.state == "open",
+                    Request.source == "github",
+                )
             ).all()
         for pr_id, request_id, reply_to in rows:
             if (reply_to or {}).get("issue") == issue:
@@ -139,12 +153,12 @@ class GitHubHandler:
             try:
                 config = parse_repo_config(self._read_config(remote))
             except RepoConfigError as exc:
-                remote.get_issue(ev.number).create_comment(
-                    f"codeloop cannot start: {exc}")
+                remote.get_issue(ev.number).create_comment(f"codeloop cannot start: {exc}")
                 raise Ignored(str(exc)) from exc
             if ev.label != config.trigger_label:
-                raise Ignored(f"label {ev.label!r} is not the trigger label "
-                              f"{config.trigger_label!r}")
+                raise Ignored(
+                    f"label {ev.label!r} is not the trigger label {config.trigger_label!r}"
+                )
         elif not events.mentions(ev.comment_body, gh.bot_name):
             raise Ignored(f"the comment does not mention @{gh.bot_name}")
         if ev.on_pull_request:
@@ -164,24 +178,37 @@ class GitHubHandler:
             pr_id, request_id = existing
             feedback = (ev.comment_body or f"The issue now says:\n{ev.title}\n\n{ev.body}").strip()
             job_id, created = jobs.submit_revision(
-                self.store, request_id=request_id, pull_request_id=pr_id, feedback=feedback,
-                key=f"revise:github:{view.delivery_id}")
+                self.store,
+                request_id=request_id,
+                pull_request_id=pr_id,
+                feedback=feedback,
+                key=f"revise:github:{view.delivery_id}",
+            )
             if created:
                 self._start(job_id)
             return request_id
 
         requirement = f"{ev.title}\n\n{ev.body}".strip()
         if ev.comment_body and ev.comment_id is not None:
-            extra = re.sub(rf"@{re.escape(gh.bot_name)}\b", "", ev.comment_body,
-                           flags=re.IGNORECASE).strip()
+            extra = re.sub(
+                rf"@{re.escape(gh.bot_name)}\b", "", ev.comment_body, flags=re.IGNORECASE
+            ).strip()
             if extra:
                 requirement += f"\n\n{extra}"
         try:
             sub = jobs.submit(
-                self.store, source="github", repo=ev.repo, requirement=requirement,
-                max_bytes=self.settings.pipeline.max_requirement_bytes, requester=ev.sender,
-                reply_to={"repo": ev.repo, "issue": ev.number, "comment": ev.comment_id,
-                          "installation": ev.installation_id},
+                self.store,
+                source="github",
+                repo=ev.repo,
+                requirement=requirement,
+                max_bytes=self.settings.pipeline.max_requirement_bytes,
+                requester=ev.sender,
+                reply_to={
+                    "repo": ev.repo,
+                    "issue": ev.number,
+                    "comment": ev.comment_id,
+                    "installation": ev.installation_id,
+                },
                 delivery=f"github:{view.delivery_id}",
             )
         except jobs.BadRequest as exc:
@@ -212,19 +239,36 @@ class GitHubHandler:
         if found is None:
             raise Ignored("a comment on a pull request codeloop did not open")
         pr_id, request_id, state = found
-        record_signal(self.store, pr_id, kind="commented", source="github",
-                      external_id=f"issue-comment-{ev.comment_id}", body=ev.comment_body,
-                      author=ev.sender)
+        record_signal(
+            self.store,
+            pr_id,
+            kind="commented",
+            source="github",
+            external_id=f"issue-comment-{ev.comment_id}",
+            body=ev.comment_body,
+            author=ev.sender,
+        )
         if state != "open":
             raise Ignored(f"the pull request is {state}")
         can, permission = self._can_write(remote, ev.sender)
         if not can:
             self._refuse(remote, ev.number, ev.sender, permission)
         remote.get_issue(ev.number).get_comment(ev.comment_id).create_reaction("eyes")
-        feedback = re.sub(rf"@{re.escape(self.settings.github.bot_name)}\b", "",
-                          ev.comment_body or "", flags=re.IGNORECASE).strip()
-        self._revise(remote, ev.number, pr_id, request_id, reviewer=ev.sender,
-                     summary=feedback, key=f"revise:github:comment-{ev.comment_id}")
+        feedback = re.sub(
+            rf"@{re.escape(self.settings.github.bot_name)}\b",
+            "",
+            ev.comment_body or "",
+            flags=re.IGNORECASE,
+        ).strip()
+        self._revise(
+            remote,
+            ev.number,
+            pr_id,
+            request_id,
+            reviewer=ev.sender,
+            summary=feedback,
+            key=f"revise:github:comment-{ev.comment_id}",
+        )
         return request_id
 
     # ------------------------------------------------------------ reviews
@@ -236,11 +280,18 @@ class GitHubHandler:
         if found is None:
             raise Ignored("a review of a pull request codeloop did not open")
         pr_id, request_id, state = found
-        record_signal(self.store, pr_id, kind=ev.state, source="github",
-                      external_id=f"review-{ev.review_id}", body=ev.body or None,
-                      author=ev.author)
-        wants = ev.state == "changes_requested" or events.mentions(ev.body,
-                                                                   self.settings.github.bot_name)
+        record_signal(
+            self.store,
+            pr_id,
+            kind=ev.state,
+            source="github",
+            external_id=f"review-{ev.review_id}",
+            body=ev.body or None,
+            author=ev.author,
+        )
+        wants = ev.state == "changes_requested" or events.mentions(
+            ev.body, self.settings.github.bot_name
+        )
         if not wants:
             return request_id
         if state != "open":
@@ -249,39 +300,81 @@ class GitHubHandler:
         can, permission = self._can_write(remote, ev.author)
         if not can:
             self._refuse(remote, ev.pr_number, ev.author, permission)
-        self._revise(remote, ev.pr_number, pr_id, request_id, reviewer=ev.author,
-                     summary=ev.body, key=f"revise:github:review-{ev.review_id}")
+        self._revise(
+            remote,
+            ev.pr_number,
+            pr_id,
+            request_id,
+            reviewer=ev.author,
+            summary=ev.body,
+            key=f"revise:github:review-{ev.review_id}",
+        )
         return request_id
 
-    def _revise(self, remote, number: int, pr_id: int, request_id: int, *, reviewer: str,
-                summary: str, key: str) -> None:
+    def _revise(
+        self,
+        remote,
+        number: int,
+        pr_id: int,
+        request_id: int,
+        *,
+        reviewer: str,
+        summary: str,
+        key: str,
+    ) -> None:
         """One revision job for every review comment nobody (not the bot) has answered yet."""
         bot = self.settings.github.bot_login
         pull = remote.get_pull(number)
         all_comments = list(pull.get_review_comments())
-        answered = {c.in_reply_to_id for c in all_comments
-                    if c.user is not None and c.user.login == bot and c.in_reply_to_id}
-        open_comments = [
-            {"id": c.id, "path": c.path, "line": c.line or c.original_line, "body": c.body or "",
-             "author": c.user.login if c.user else None}
+        answered = {
+            c.in_reply_to_id
             for c in all_comments
-            if not c.in_reply_to_id and c.id not in answered
+            if c.user is not None and c.user.login == bot and c.in_reply_to_id
+        }
+        open_comments = [
+            {
+                "id": c.id,
+                "path": c.path,
+                "line": c.line or c.original_line,
+                "body": c.body or "",
+                "author": c.user.login if c.user else None,
+            }
+            for c in all_comments
+            if not c.in_reply_to_id
+            and c.id not in answered
             and not (c.user is not None and c.user.login == bot)
         ]
         for c in open_comments:
-            record_signal(self.store, pr_id, kind="line_comment", source="github",
-                          external_id=f"review-comment-{c['id']}", body=c["body"],
-                          author=c["author"], path=c["path"], line=c["line"])
+            record_signal(
+                self.store,
+                pr_id,
+                kind="line_comment",
+                source="github",
+                external_id=f"review-comment-{c['id']}",
+                body=c["body"],
+                author=c["author"],
+                path=c["path"],
+                line=c["line"],
+            )
         feedback = compose_feedback(summary or "", reviewer, open_comments)
         job_id, created = jobs.submit_revision(
-            self.store, request_id=request_id, pull_request_id=pr_id, feedback=feedback, key=key)
+            self.store, request_id=request_id, pull_request_id=pr_id, feedback=feedback, key=key
+        )
         if not created:
             return
         with self.store.session() as s:
             for c in open_comments:
-                s.add(GitHubReviewReply(job_id=job_id, pull_request_id=pr_id, comment_id=c["id"],
-                                        path=c["path"], line=c["line"], body=c["body"],
-                                        author=c["author"]))
+                s.add(
+                    GitHubReviewReply(
+                        job_id=job_id,
+                        pull_request_id=pr_id,
+                        comment_id=c["id"],
+                        path=c["path"],
+                        line=c["line"],
+                        body=c["body"],
+                        author=c["author"],
+                    )
+                )
         self._start(job_id)
 
     def _review_comment(self, ev: events.ReviewCommentCreated) -> int | None:
@@ -291,9 +384,17 @@ class GitHubHandler:
         if found is None:
             raise Ignored("a review comment on a pull request codeloop did not open")
         pr_id, request_id, _ = found
-        record_signal(self.store, pr_id, kind="line_comment", source="github",
-                      external_id=f"review-comment-{ev.comment_id}", body=ev.body,
-                      author=ev.author, path=ev.path, line=ev.line)
+        record_signal(
+            self.store,
+            pr_id,
+            kind="line_comment",
+            source="github",
+            external_id=f"review-comment-{ev.comment_id}",
+            body=ev.body,
+            author=ev.author,
+            path=ev.path,
+            line=ev.line,
+        )
         return request_id
 
     # ------------------------------------------------------------ closed / merged
@@ -314,13 +415,21 @@ class GitHubHandler:
                 pr.state = "merged" if ev.merged else "closed"
                 if ev.merged:
                     pr.merged_at = utcnow()
-            pending = s.scalars(select(Job.id).where(
-                Job.pull_request_id == pr_id, Job.state.in_(("queued", "running")))).all()
+            pending = s.scalars(
+                select(Job.id).where(
+                    Job.pull_request_id == pr_id, Job.state.in_(("queued", "running"))
+                )
+            ).all()
         for job_id in pending:  # a revision of a closed pull request ends cleanly
             jobs.cancel(self.store, job_id)
-        record_signal(self.store, pr_id, kind="merged" if ev.merged else "closed_unmerged",
-                      source="github", external_id=f"closed-{ev.repo}#{ev.number}",
-                      author=ev.sender or None)
+        record_signal(
+            self.store,
+            pr_id,
+            kind="merged" if ev.merged else "closed_unmerged",
+            source="github",
+            external_id=f"closed-{ev.repo}#{ev.number}",
+            author=ev.sender or None,
+        )
         return request_id
 
     def _keeps_merged(self, repo: str) -> bool:
@@ -331,9 +440,13 @@ class GitHubHandler:
         from github import GithubException
 
         with self.store.session() as s:
-            exists = s.scalar(select(MergedChange.id).where(
-                MergedChange.forge == "github", MergedChange.repo == ev.repo,
-                MergedChange.external_id == str(ev.number)))
+            exists = s.scalar(
+                select(MergedChange.id).where(
+                    MergedChange.forge == "github",
+                    MergedChange.repo == ev.repo,
+                    MergedChange.external_id == str(ev.number),
+                )
+            )
         if exists is not None:
             return True
         remote = self._remote(ev.repo)
@@ -345,17 +458,33 @@ class GitHubHandler:
                 issue = remote.get_issue(issue_no)
                 issue_title, issue_body = issue.title, issue.body
             except GithubException as exc:
-                log.info("%s#%s: linked issue #%s not read: %s", ev.repo, ev.number, issue_no,
-                         describe(exc))
+                log.info(
+                    "%s#%s: linked issue #%s not read: %s",
+                    ev.repo,
+                    ev.number,
+                    issue_no,
+                    describe(exc),
+                )
         try:
             with self.store.session() as s:
-                s.add(MergedChange(
-                    forge="github", repo=ev.repo, external_id=str(ev.number), title=ev.title,
-                    body=ev.body, issue_number=issue_no, issue_title=issue_title,
-                    issue_body=issue_body, diff=diff, base_sha=ev.base_sha,
-                    merge_sha=ev.merge_sha, author=ev.author or None,
-                    by_bot=pr_id is not None, pull_request_id=pr_id,
-                ))
+                s.add(
+                    MergedChange(
+                        forge="github",
+                        repo=ev.repo,
+                        external_id=str(ev.number),
+                        title=ev.title,
+                        body=ev.body,
+                        issue_number=issue_no,
+                        issue_title=issue_title,
+                        issue_body=issue_body,
+                        diff=diff,
+                        base_sha=ev.base_sha,
+                        merge_sha=ev.merge_sha,
+                        author=ev.author or None,
+                        by_bot=pr_id is not None,
+                        pull_request_id=pr_id,
+                    )
+                )
         except IntegrityError:
             pass  # stored by a concurrent redelivery
         return True

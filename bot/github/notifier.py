@@ -24,8 +24,13 @@ from bot.store.models import (
 log = logging.getLogger(__name__)
 
 STEPS = ["queued", "reading the repository", "generating", "validating", "opening the pull request"]
-REVISION_STEPS = ["queued", "reading the pull request", "generating", "validating",
-                  "pushing the revision"]
+REVISION_STEPS = [
+    "queued",
+    "reading the pull request",
+    "generating",
+    "validating",
+    "pushing the revision",
+]
 
 
 def step_index(stage: str) -> int:
@@ -60,8 +65,10 @@ def render_status(job_id: int, kind: str, stage: str, detail: str = "") -> str:
 def render_finished(job_id: int, kind: str, ok: bool, text: str, result: dict) -> str:
     steps = REVISION_STEPS if kind == "revise" else STEPS
     if not ok:
-        return (f"**codeloop** could not finish job {job_id}.\n\n{text}\n\n"
-                "Edit the issue and add the label again (or mention codeloop) to retry.")
+        return (
+            f"**codeloop** could not finish job {job_id}.\n\n{text}\n\n"
+            "Edit the issue and add the label again (or mention codeloop) to retry."
+        )
     lines = [f"**codeloop** finished job {job_id}.", ""]
     lines.extend(f"- [x] {step}" for step in steps)
     validation = (result.get("validation") or {}).get("summary")
@@ -69,8 +76,10 @@ def render_finished(job_id: int, kind: str, ok: bool, text: str, result: dict) -
         lines += ["", f"Validation: {validation}."]
     url = result.get("url") or ""
     if kind == "revise":
-        lines += ["", f"Pushed {str(result.get('commit', ''))[:10]} to `{result.get('branch')}`: "
-                      f"{url}"]
+        lines += [
+            "",
+            f"Pushed {str(result.get('commit', ''))[:10]} to `{result.get('branch')}`: {url}",
+        ]
     else:
         lines += ["", f"Pull request: {url}"]
     return "\n".join(lines)
@@ -83,12 +92,16 @@ def render_reply(path: str | None, ok: bool, text: str, result: dict) -> str:
     commit = str(result.get("commit", ""))[:10]
     changed = result.get("changed") or []
     if path and path in changed:
-        return (f"Addressed in {commit}: `{path}` was changed in this revision "
-                f"(validation: {(result.get('validation') or {}).get('summary', 'n/a')}).")
+        return (
+            f"Addressed in {commit}: `{path}` was changed in this revision "
+            f"(validation: {(result.get('validation') or {}).get('summary', 'n/a')})."
+        )
     others = ", ".join(f"`{p}`" for p in changed) or "no file"
     where = f"`{path}`" if path else "this file"
-    return (f"Not changed in {commit}: this revision did not touch {where} (it changed "
-            f"{others}). Reply here or request changes again if this still applies.")
+    return (
+        f"Not changed in {commit}: this revision did not touch {where} (it changed "
+        f"{others}). Reply here or request changes again if this still applies."
+    )
 
 
 class GitHubNotifier:
@@ -122,8 +135,9 @@ class GitHubNotifier:
             return
         comment = issue.create_comment(text)
         with self.store.session() as s:
-            s.add(GitHubStatusComment(job_id=job_id, repo=repo, number=number,
-                                      comment_id=comment.id))
+            s.add(
+                GitHubStatusComment(job_id=job_id, repo=repo, number=number, comment_id=comment.id)
+            )
 
     def queued(self, job_id: int) -> None:
         _, _, kind, _ = self._where(job_id)
@@ -145,19 +159,24 @@ class GitHubNotifier:
             if ok:
                 self._update_pr_body(job_id, repo)
 
-    def _reply_to_review_comments(self, job_id: int, repo: str, ok: bool, text: str,
-                                  result: dict) -> None:
+    def _reply_to_review_comments(
+        self, job_id: int, repo: str, ok: bool, text: str, result: dict
+    ) -> None:
         with self.store.session() as s:
-            rows = s.scalars(select(GitHubReviewReply).where(
-                GitHubReviewReply.job_id == job_id, GitHubReviewReply.reply_id.is_(None)
-            ).order_by(GitHubReviewReply.id)).all()
+            rows = s.scalars(
+                select(GitHubReviewReply)
+                .where(GitHubReviewReply.job_id == job_id, GitHubReviewReply.reply_id.is_(None))
+                .order_by(GitHubReviewReply.id)
+            ).all()
             todo = [(r.id, r.comment_id, r.path) for r in rows]
             number = s.get(PullRequest, rows[0].pull_request_id).number if rows else None
         if not todo:
             return
         pull = self.clients.for_repo(repo).get_repo(repo).get_pull(number)
         for row_id, comment_id, path in todo:
-            reply = pull.create_review_comment_reply(comment_id, render_reply(path, ok, text, result))
+            reply = pull.create_review_comment_reply(
+                comment_id, render_reply(path, ok, text, result)
+            )
             with self.store.session() as s:
                 row = s.get(GitHubReviewReply, row_id)
                 row.reply_id, row.replied_at = reply.id, utcnow()

@@ -51,8 +51,9 @@ def routes(ctx) -> list[BaseRoute]:
         event = request.headers.get("x-github-event", "")
         delivery_id = request.headers.get("x-github-delivery", "")
         if not event or not delivery_id or len(delivery_id) > 200:
-            return JSONResponse({"error": "X-GitHub-Event and X-GitHub-Delivery are required"},
-                                status_code=400)
+            return JSONResponse(
+                {"error": "X-GitHub-Event and X-GitHub-Delivery are required"}, status_code=400
+            )
         try:
             payload = json.loads(body)
         except ValueError:
@@ -66,8 +67,12 @@ def routes(ctx) -> list[BaseRoute]:
         action = payload.get("action")
         name = f"{event}.{action}" if isinstance(action, str) else event
         recorded = await run_in_threadpool(
-            deliveries.record, ctx.store, source="github", delivery_id=delivery_id,
-            event=name[:100], payload=payload,
+            deliveries.record,
+            ctx.store,
+            source="github",
+            delivery_id=delivery_id,
+            event=name[:100],
+            payload=payload,
         )
         if not recorded.created:
             return JSONResponse({"delivery": recorded.id, "duplicate": True})

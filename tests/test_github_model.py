@@ -20,8 +20,8 @@ pytestmark = pytest.mark.model
 def test_labelled_issue_becomes_a_passing_pull_request(tmp_path, embedded_backend):
     env = make_env(tmp_path, embedded_backend)
     try:
-        issue = env.fake.open_issue(env.repo, "count_vowels(text)", DEMO_REQUIREMENT, "octocat")
-        payload = env.fake.issue_labeled(env.repo, issue, "codeloop", "octocat")
+        issue = env.fake.open_issue(env.repo, "count_vowels(text)", DEMO_REQUIREMENT, "alice")
+        payload = env.fake.issue_labeled(env.repo, issue, "codeloop", "alice")
         assert env.deliver("issues", payload).status_code == 202
         env.work()  # handle_delivery, then run_job: the task functions a worker runs
 

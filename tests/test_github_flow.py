@@ -59,6 +59,14 @@ def env(tmp_path):
     e.close()
 
 
+@pytest.fixture
+def env_any_db(tmp_path, db_url):
+    """The same, on SQLite and on PostgreSQL (GitHub's ids exceed 32 bits)."""
+    e = make_env(tmp_path, ScriptedBackend(GOOD, REVISED), db_url=db_url, files=FILES)
+    yield e
+    e.close()
+
+
 def bot_comments(env, number: int) -> list[dict]:
     return [c for c in env.fake.comments_on(env.repo, number) if c["user"] == BOT_LOGIN]
 
@@ -170,7 +178,8 @@ def test_other_labels_and_bot_comments_start_nothing(env):
     assert env.repo.reactions == []
 
 
-def test_changes_requested_with_two_line_comments_is_one_commit_and_two_replies(env):
+def test_changes_requested_with_two_line_comments_is_one_commit_and_two_replies(env_any_db):
+    env = env_any_db
     issue, number = open_pr(env)
     branch = env.repo.pulls[number]["head"]
     before = env.fake.branch_sha(env.repo, branch)
@@ -379,3 +388,27 @@ def test_when_github_keeps_failing_the_issue_is_told(env):
     status = bot_comments(env, issue)
     assert len(status) == 1
     assert "could not finish" in status[0]["body"] and "GitHub answered 502" in status[0]["body"]
+
+
+def test_a_pull_request_closed_before_its_revision_ran_drops_it_with_a_message(env):
+    issue, number = open_pr(env)
+    head = env.fake.branch_sha(env.repo, env.repo.pulls[number]["head"])
+    review_id, (cid,) = env.fake.add_review(
+        env.repo, number, "alice", "CHANGES_REQUESTED", "", comments=[("textutil.py", 3, "No.")]
+    )
+    env.deliver("pull_request_review", env.fake.review_submitted(env.repo, number, review_id))
+    env.fake.close_pull(env.repo, number)
+    env.deliver("pull_request", env.fake.pull_closed(env.repo, number, "alice"))
+    env.work()  # review → revision queued; closed → revision cancelled; the job is skipped
+    assert env.fake.branch_sha(env.repo, env.repo.pulls[number]["head"]) == head
+    with env.runtime.store.session() as s:
+        job = s.scalar(select(Job).where(Job.kind == "revise"))
+        assert job.state == "cancelled"
+        pr = s.scalar(select(PullRequest))
+        assert pr.state == "closed"
+        assert [sig.kind for sig in pr.signals] == [
+            "changes_requested", "line_comment", "closed_unmerged"]
+    status = bot_comments(env, number)
+    assert len(status) == 1 and "was closed, so this revision was dropped" in status[0]["body"]
+    reply = [c for c in env.repo.review_comments.values() if c["in_reply_to"] == cid]
+    assert len(reply) == 1 and "could not revise" in reply[0]["body"]

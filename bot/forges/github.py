@@ -19,7 +19,7 @@ from bot.settings import RepoConfigError, parse_repo_config
 
 log = logging.getLogger(__name__)
 
-REPO_NAME = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*/(?!\.\.?$)[A-Za-z0-9_.-]+")
 
 
 def describe(exc: Exception) -> str:

@@ -421,7 +421,15 @@ class GitHubHandler:
                 )
             ).all()
         for job_id in pending:  # a revision of a closed pull request ends cleanly
-            jobs.cancel(self.store, job_id)
+            if jobs.cancel(self.store, job_id):
+                why = "merged" if ev.merged else "closed"
+                try:
+                    self.notifier.finished(
+                        job_id, f"the pull request was {why}, so this revision was dropped.",
+                        ok=False,
+                    )
+                except Exception:  # noqa: BLE001 - the outcome is stored either way
+                    log.exception("job %s: could not say that the revision was dropped", job_id)
         record_signal(
             self.store,
             pr_id,

@@ -412,3 +412,17 @@ def test_a_pull_request_closed_before_its_revision_ran_drops_it_with_a_message(e
     assert len(status) == 1 and "was closed, so this revision was dropped" in status[0]["body"]
     reply = [c for c in env.repo.review_comments.values() if c["in_reply_to"] == cid]
     assert len(reply) == 1 and "could not revise" in reply[0]["body"]
+
+
+def test_when_github_fails_before_the_job_starts_the_issue_is_told(env):
+    env.fake.fail_next("GET", r"/collaborators/alice/permission$", 502, message="Bad Gateway",
+                       times=5)  # the first try and every retry
+    issue = env.fake.open_issue(env.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
+    env.deliver("issues", env.fake.issue_labeled(env.repo, issue, "codeloop", "alice"))
+    env.work()
+    comments = bot_comments(env, issue)
+    assert len(comments) == 1 and "gave up" in comments[0]["body"]
+    assert "GitHub answered 502" in comments[0]["body"]
+    with env.runtime.store.session() as s:
+        assert s.scalar(select(Delivery.state)) == "failed"
+        assert s.scalar(select(func.count()).select_from(Job)) == 0

@@ -82,12 +82,31 @@ class GitHubHandler:
             raise Ignored(f"malformed {view.event} payload: {exc}") from exc
         self.clients.remember_installation(event.repo, event.installation_id)
         if isinstance(event, events.Trigger):
-            return self._trigger(event, view)
+            try:
+                return self._trigger(event, view)
+            except Ignored:
+                raise
+            except Exception as exc:
+                self._tell_gave_up(event, exc)
+                raise
         if isinstance(event, events.ReviewSubmitted):
             return self._review(event)
         if isinstance(event, events.ReviewCommentCreated):
             return self._review_comment(event)
         return self._closed(event)
+
+    def _tell_gave_up(self, ev: events.Trigger, exc: Exception) -> None:
+        """GitHub still failed after the retries: say so on the issue, if GitHub lets us."""
+        if ev.sender_is_bot:
+            return
+        try:
+            self._remote(ev.repo).get_issue(ev.number).create_comment(
+                f"codeloop gave up on this request: {describe(exc)}. "
+                "Add the label again (or mention codeloop) to retry."
+            )
+        except Exception:  # noqa: BLE001 - GitHub is failing; the delivery is marked failed
+            log.warning("%s#%s: could not tell the issue that codeloop gave up", ev.repo,
+                        ev.number)
 
     # ------------------------------------------------------------ helpers
 

@@ -145,7 +145,7 @@ def build_runtime(
         if runtime.enqueue_job is not None:
             runtime.enqueue_job(job_id)
 
-    if github.configured(settings):
+    if settings.forge.kind == "github" and github.configured(settings):
         github.install(settings, store, by_source, handlers, enqueue_job=enqueue_job,
                        clients=github_clients)
     return runtime

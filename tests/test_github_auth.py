@@ -26,8 +26,13 @@ def fake(tmp_path):
 
 
 def app_settings(fake, **kw) -> GitHubSettings:
-    return GitHubSettings(api_url=fake.api_url, app_id=fake.app_id,
-                          private_key=SecretStr(fake.private_key_pem), retry_backoff=0.01, **kw)
+    return GitHubSettings(
+        api_url=fake.api_url,
+        app_id=fake.app_id,
+        private_key=SecretStr(fake.private_key_pem),
+        retry_backoff=0.01,
+        **kw,
+    )
 
 
 def test_installation_token_is_reused_until_it_nears_expiry(fake):
@@ -45,9 +50,14 @@ def test_installation_token_is_reused_until_it_nears_expiry(fake):
 
 def test_a_wrong_app_key_is_refused_with_a_clear_message(fake, tmp_path):
     other = FakeGitHub(tmp_path / "other")  # a different private key
-    clients = GitHubClients(GitHubSettings(api_url=fake.api_url, app_id=fake.app_id,
-                                           private_key=SecretStr(other.private_key_pem),
-                                           max_retries=0))
+    clients = GitHubClients(
+        GitHubSettings(
+            api_url=fake.api_url,
+            app_id=fake.app_id,
+            private_key=SecretStr(other.private_key_pem),
+            max_retries=0,
+        )
+    )
     forge = GitHubForge(clients, tmp_path / "mirrors")
     with pytest.raises(Exception, match="401"):
         forge.check_repository("acme/widgets")
@@ -63,18 +73,40 @@ def test_personal_token_clones_and_pushes_without_the_token_in_any_url(fake, tmp
     subprocess.run(["git", "clone", "-q", info.clone_url, str(work)], check=True)
     (work / "NOTES.md").write_text("notes\n")
     subprocess.run(["git", "-C", str(work), "add", "NOTES.md"], check=True)
-    subprocess.run(["git", "-C", str(work), "-c", "user.name=a", "-c", "user.email=a@x",
-                    "commit", "-qm", "notes"], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(work),
+            "-c",
+            "user.name=a",
+            "-c",
+            "user.email=a@x",
+            "commit",
+            "-qm",
+            "notes",
+        ],
+        check=True,
+    )
     forge.push_branch(info, work, "codeloop/9-notes")
-    assert forge.branch_head(info, "codeloop/9-notes") == subprocess.run(
-        ["git", "-C", str(work), "rev-parse", "HEAD"], capture_output=True, text=True,
-        check=True).stdout.strip()
+    assert (
+        forge.branch_head(info, "codeloop/9-notes")
+        == subprocess.run(
+            ["git", "-C", str(work), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     for config in [info.clone_url + "/config", str(work / ".git" / "config")]:
         assert token not in open(config).read()
     # Git without the header is refused: the header is what authenticates.
-    anonymous = subprocess.run(["git", "ls-remote", f"{fake.url}/acme/widgets.git"],
-                               capture_output=True, text=True,
-                               env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"})
+    anonymous = subprocess.run(
+        ["git", "ls-remote", f"{fake.url}/acme/widgets.git"],
+        capture_output=True,
+        text=True,
+        env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"},
+    )
     assert anonymous.returncode != 0
 
 

@@ -407,7 +407,10 @@ def test_a_pull_request_closed_before_its_revision_ran_drops_it_with_a_message(e
         pr = s.scalar(select(PullRequest))
         assert pr.state == "closed"
         assert [sig.kind for sig in pr.signals] == [
-            "changes_requested", "line_comment", "closed_unmerged"]
+            "changes_requested",
+            "line_comment",
+            "closed_unmerged",
+        ]
     status = bot_comments(env, number)
     assert len(status) == 1 and "was closed, so this revision was dropped" in status[0]["body"]
     reply = [c for c in env.repo.review_comments.values() if c["in_reply_to"] == cid]
@@ -415,8 +418,9 @@ def test_a_pull_request_closed_before_its_revision_ran_drops_it_with_a_message(e
 
 
 def test_when_github_fails_before_the_job_starts_the_issue_is_told(env):
-    env.fake.fail_next("GET", r"/collaborators/alice/permission$", 502, message="Bad Gateway",
-                       times=5)  # the first try and every retry
+    env.fake.fail_next(
+        "GET", r"/collaborators/alice/permission$", 502, message="Bad Gateway", times=5
+    )  # the first try and every retry
     issue = env.fake.open_issue(env.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
     env.deliver("issues", env.fake.issue_labeled(env.repo, issue, "codeloop", "alice"))
     env.work()
@@ -426,3 +430,15 @@ def test_when_github_fails_before_the_job_starts_the_issue_is_told(env):
     with env.runtime.store.session() as s:
         assert s.scalar(select(Delivery.state)) == "failed"
         assert s.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_a_second_label_while_the_first_job_waits_opens_nothing_more(env):
+    issue = env.fake.open_issue(env.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
+    env.deliver("issues", env.fake.issue_labeled(env.repo, issue, "codeloop", "alice"), "d-a")
+    env.deliver("issues", env.fake.issue_labeled(env.repo, issue, "codeloop", "alice"), "d-b")
+    env.work()
+    assert len(env.repo.pulls) == 1
+    with env.runtime.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Request)) == 1
+        notes = dict(s.execute(select(Delivery.delivery_id, Delivery.note)).all())
+    assert notes["d-a"] is None and "already queued or running" in notes["d-b"]

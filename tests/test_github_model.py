@@ -42,7 +42,9 @@ def test_labelled_issue_becomes_a_passing_pull_request(tmp_path, embedded_backen
         assert "def count_vowels" in (checkout / "textutil.py").read_text()
         tests = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-            cwd=checkout, capture_output=True, text=True,
+            cwd=checkout,
+            capture_output=True,
+            text=True,
         )
         assert tests.returncode == 0, tests.stdout + tests.stderr
 

@@ -105,8 +105,7 @@ class GitHubHandler:
                 "Add the label again (or mention codeloop) to retry."
             )
         except Exception:  # noqa: BLE001 - GitHub is failing; the delivery is marked failed
-            log.warning("%s#%s: could not tell the issue that codeloop gave up", ev.repo,
-                        ev.number)
+            log.warning("%s#%s: could not tell the issue that codeloop gave up", ev.repo, ev.number)
 
     # ------------------------------------------------------------ helpers
 
@@ -141,6 +140,19 @@ class GitHubHandler:
             if (reply_to or {}).get("issue") == issue:
                 return pr_id, request_id
         return None
+
+    def _job_running_for_issue(self, repo: str, issue: int) -> bool:
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Request.reply_to)
+                .join(Job, Job.request_id == Request.id)
+                .where(
+                    Request.source == "github",
+                    Request.repo == repo,
+                    Job.state.in_(("queued", "running")),
+                )
+            ).all()
+        return any((reply_to or {}).get("issue") == issue for (reply_to,) in rows)
 
     def _can_write(self, remote, login: str) -> tuple[bool, str]:
         from github import GithubException
@@ -192,6 +204,8 @@ class GitHubHandler:
         else:
             issue.create_reaction("eyes")
 
+        if self._job_running_for_issue(ev.repo, ev.number):
+            raise Ignored(f"a job for {ev.repo}#{ev.number} is already queued or running")
         existing = self._open_pr_for_issue(ev.repo, ev.number)
         if existing is not None:  # a second trigger updates the open pull request
             pr_id, request_id = existing
@@ -444,7 +458,8 @@ class GitHubHandler:
                 why = "merged" if ev.merged else "closed"
                 try:
                     self.notifier.finished(
-                        job_id, f"the pull request was {why}, so this revision was dropped.",
+                        job_id,
+                        f"the pull request was {why}, so this revision was dropped.",
                         ok=False,
                     )
                 except Exception:  # noqa: BLE001 - the outcome is stored either way

@@ -442,3 +442,28 @@ def test_a_second_label_while_the_first_job_waits_opens_nothing_more(env):
         assert s.scalar(select(func.count()).select_from(Request)) == 1
         notes = dict(s.execute(select(Delivery.delivery_id, Delivery.note)).all())
     assert notes["d-a"] is None and "already queued or running" in notes["d-b"]
+
+
+def test_the_trigger_label_comes_from_codeloop_yml_on_the_default_branch(tmp_path):
+    files = {**FILES, ".codeloop.yml": "test_command: python -m pytest -q\ntrigger_label: ai\n"}
+    e = make_env(tmp_path, ScriptedBackend(GOOD), files=files)
+    try:
+        issue = e.fake.open_issue(e.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
+        e.deliver("issues", e.fake.issue_labeled(e.repo, issue, "codeloop", "alice"))
+        e.work()
+        with e.runtime.store.session() as s:
+            assert "not the trigger label 'ai'" in s.scalar(select(Delivery.note))
+            assert s.scalar(select(func.count()).select_from(Job)) == 0
+        # A broken .codeloop.yml on the default branch: the labeller is told why.
+        work = tmp_path / "edit"
+        subprocess.run(["git", "clone", "-q", str(e.repo.path), str(work)], check=True)
+        (work / ".codeloop.yml").write_text("trigger_label: [ai\n")
+        subprocess.run(["git", "-C", str(work), "-c", "user.name=a", "-c", "user.email=a@x",
+                        "commit", "-qam", "break config"], check=True)
+        subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "main"], check=True)
+        e.deliver("issues", e.fake.issue_labeled(e.repo, issue, "ai", "alice"))
+        e.work()
+        told = bot_comments(e, issue)
+        assert len(told) == 1 and "not valid YAML" in told[0]["body"]
+    finally:
+        e.close()

@@ -65,10 +65,12 @@ def render_status(job_id: int, kind: str, stage: str, detail: str = "") -> str:
 def render_finished(job_id: int, kind: str, ok: bool, text: str, result: dict) -> str:
     steps = REVISION_STEPS if kind == "revise" else STEPS
     if not ok:
-        return (
-            f"**codeloop** could not finish job {job_id}.\n\n{text}\n\n"
-            "Edit the issue and add the label again (or mention codeloop) to retry."
+        retry = (
+            "Request changes again (or mention codeloop on this pull request) to retry."
+            if kind == "revise"
+            else "Edit the issue and add the label again (or mention codeloop) to retry."
         )
+        return f"**codeloop** could not finish job {job_id}.\n\n{text}\n\n{retry}"
     lines = [f"**codeloop** finished job {job_id}.", ""]
     lines.extend(f"- [x] {step}" for step in steps)
     validation = (result.get("validation") or {}).get("summary")

@@ -129,16 +129,20 @@ class GitHubNotifier:
             return repo, int(number), job.kind, None
 
     def _write(self, job_id: int, text: str) -> None:
+        """Create the status comment, or edit it: one API call either way."""
         repo, number, _, comment_id = self._where(job_id)
-        remote = self.clients.for_repo(repo).get_repo(repo)
-        issue = remote.get_issue(number)
+        requester = self.clients.for_repo(repo).requester
         if comment_id is not None:
-            issue.get_comment(comment_id).edit(text)
+            requester.requestJsonAndCheck(
+                "PATCH", f"/repos/{repo}/issues/comments/{comment_id}", input={"body": text}
+            )
             return
-        comment = issue.create_comment(text)
+        _, data = requester.requestJsonAndCheck(
+            "POST", f"/repos/{repo}/issues/{number}/comments", input={"body": text}
+        )
         with self.store.session() as s:
             s.add(
-                GitHubStatusComment(job_id=job_id, repo=repo, number=number, comment_id=comment.id)
+                GitHubStatusComment(job_id=job_id, repo=repo, number=number, comment_id=data["id"])
             )
 
     def queued(self, job_id: int) -> None:

@@ -175,6 +175,15 @@ class GitHubSettings(BaseModel):
         default=60.0, ge=0,
         description="Seconds to wait after a secondary rate limit that names no Retry-After.",
     )
+    seconds_between_requests: float = Field(
+        default=0.25, ge=0,
+        description="Least time between two GitHub API calls of one process (GitHub's guidance).",
+    )
+    seconds_between_writes: float = Field(
+        default=1.0, ge=0,
+        description="Least time between two content-creating GitHub calls (comments, pull "
+        "requests), as GitHub asks of integrations to avoid secondary rate limits.",
+    )
     merged_repos: list[str] = Field(
         default_factory=list,
         description="owner/name of repositories whose merged pull requests (anyone's) are stored "

@@ -80,6 +80,8 @@ def github_settings(
         max_retries=4,
         retry_backoff=0.05,
         secondary_rate_wait=1.0,
+        seconds_between_requests=0,  # GitHub's pacing, pointless against a local server
+        seconds_between_writes=0,
         **gh_overrides,
     )
     return make_settings(home, db_url, forge=ForgeSettings(kind="github"), github=gh)

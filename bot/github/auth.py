@@ -79,7 +79,14 @@ class GitHubClients:
         return Auth.AppAuth(self.settings.app_id, key)
 
     def _kwargs(self) -> dict:
-        return {"base_url": self.settings.api_url.rstrip("/"), "retry": self.retry(), "timeout": 30}
+        s = self.settings
+        return {
+            "base_url": s.api_url.rstrip("/"),
+            "retry": self.retry(),
+            "timeout": 30,
+            "seconds_between_requests": s.seconds_between_requests,
+            "seconds_between_writes": s.seconds_between_writes,
+        }
 
     # ------------------------------------------------------------ clients
 

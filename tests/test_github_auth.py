@@ -117,3 +117,39 @@ def test_unknown_repository_and_bad_names_are_clear(fake, tmp_path):
         forge.check_repository("../etc")
     with pytest.raises(ForgeError, match="not found on GitHub, or codeloop is not installed"):
         forge.check_repository("acme/missing")
+
+
+def test_codeloop_github_check_reports_what_is_set_up(fake, tmp_path):
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODELOOP_")}
+    env.update(
+        CODELOOP_HOME=str(tmp_path / "home"),
+        CODELOOP_GITHUB__API_URL=fake.api_url,
+        CODELOOP_GITHUB__APP_ID=str(fake.app_id),
+        CODELOOP_GITHUB__PRIVATE_KEY=fake.private_key_pem,
+    )
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "bot.cli", "github", "check", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    partial = run("acme/widgets")
+    assert partial.returncode == 2
+    assert f"ok   auth: App installation {fake.installation_id}" in partial.stdout
+    assert "ok   repository: acme/widgets, default branch main" in partial.stdout
+    assert "FAIL webhook" in partial.stdout and "FAIL forge" in partial.stdout
+    assert fake.private_key_pem.splitlines()[1] not in partial.stdout + partial.stderr
+    env.update(CODELOOP_GITHUB__WEBHOOK_SECRET="s3cret", CODELOOP_FORGE__KIND="github")
+    good = run("acme/widgets")
+    assert good.returncode == 0, good.stdout + good.stderr
+    missing = run("acme/nothing")
+    assert (
+        missing.returncode == 2 and "FAIL app: acme/nothing: GitHub answered 404" in missing.stdout
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 
 import pytest
 from sqlalchemy import func, select
@@ -467,3 +468,52 @@ def test_the_trigger_label_comes_from_codeloop_yml_on_the_default_branch(tmp_pat
         assert len(told) == 1 and "not valid YAML" in told[0]["body"]
     finally:
         e.close()
+
+
+class GatedBackend(ScriptedBackend):
+    """Scripted answers; once armed, the next generation waits until the test releases it."""
+
+    def __init__(self, *answers: str):
+        super().__init__(*answers)
+        self.armed = threading.Event()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def generate(self, messages, params, on_text=None):
+        if self.armed.is_set():
+            self.entered.set()
+            assert self.release.wait(60)
+        return super().generate(messages, params, on_text)
+
+
+def test_a_pull_request_closed_while_its_revision_runs_ends_the_job_cleanly(tmp_path):
+    backend = GatedBackend(GOOD, REVISED)
+    env = make_env(tmp_path, backend, files=FILES)
+    try:
+        issue, number = open_pr(env)
+        branch = env.repo.pulls[number]["head"]
+        head = env.fake.branch_sha(env.repo, branch)
+        review_id, (cid,) = env.fake.add_review(
+            env.repo, number, "alice", "CHANGES_REQUESTED", "", comments=[("textutil.py", 3, "x")]
+        )
+        env.deliver("pull_request_review", env.fake.review_submitted(env.repo, number, review_id))
+        backend.armed.set()
+        worker = threading.Thread(target=env.work)  # handles the review, then runs the revision
+        worker.start()
+        assert backend.entered.wait(60)  # the revision is generating now
+        env.fake.close_pull(env.repo, number)
+        env.deliver("pull_request", env.fake.pull_closed(env.repo, number, "alice"))
+        env.huey.execute(env.huey.dequeue())  # a second worker handles the close meanwhile
+        backend.release.set()
+        worker.join(120)
+        env.work()
+        with env.runtime.store.session() as s:
+            assert s.scalar(select(Job.state).where(Job.kind == "revise")) == "cancelled"
+            assert s.scalar(select(PullRequest.state)) == "closed"
+        assert env.fake.branch_sha(env.repo, branch) == head  # nothing pushed
+        status = bot_comments(env, number)
+        assert len(status) == 1 and "was closed, so this revision was dropped" in status[0]["body"]
+        replies = [c for c in env.repo.review_comments.values() if c["in_reply_to"] == cid]
+        assert len(replies) == 1 and "could not revise" in replies[0]["body"]
+    finally:
+        env.close()

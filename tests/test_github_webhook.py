@@ -239,3 +239,19 @@ def test_well_formed_payloads_parse_or_are_ignored(action, title, number, merged
         except Ignored:
             continue
         assert parsed.repo == "o/r"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    secret=st.text(min_size=1, max_size=40),
+    body=st.binary(max_size=200),
+    flip=st.integers(min_value=0, max_value=199),
+)
+def test_only_the_exact_body_and_secret_verify(secret, body, flip):
+    signature = sign(secret, body)
+    assert verify(secret, body, signature)
+    assert not verify(secret + "x", body, signature)
+    if body:
+        i = flip % len(body)
+        changed = body[:i] + bytes([body[i] ^ 1]) + body[i + 1 :]
+        assert not verify(secret, changed, signature)

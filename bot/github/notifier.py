@@ -158,7 +158,12 @@ class GitHubNotifier:
     def finished(self, job_id: int, text: str, ok: bool) -> None:
         repo, number, kind, _ = self._where(job_id)
         with self.store.session() as s:
-            result = dict(s.get(Job, job_id).result or {})
+            job = s.get(Job, job_id)
+            result = dict(job.result or {})
+            pr = s.get(PullRequest, job.pull_request_id) if job.pull_request_id else None
+            if kind == "revise" and not ok and text == "cancelled" and pr and pr.state != "open":
+                # The pull request was closed while this revision ran: say that, not "cancelled".
+                text = f"the pull request was {pr.state}, so this revision was dropped."
         self._write(job_id, render_finished(job_id, kind, ok, text, result))
         if kind == "revise":
             self._reply_to_review_comments(job_id, repo, ok, text, result)

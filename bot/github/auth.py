@@ -30,10 +30,7 @@ class GitHubClients:
         self._clients: dict[int | None, object] = {}
         self._auths: dict[int | None, object] = {}
         self._installations: dict[str, int] = {}
-        if settings.installation_id is not None:
-            self._default_installation = settings.installation_id
-        else:
-            self._default_installation = None
+        self._default_installation = settings.installation_id
 
     # ------------------------------------------------------------ configuration
 

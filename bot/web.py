@@ -53,4 +53,8 @@ def default_features(settings: Settings) -> list[Feature]:
         from bot.slack.app import routes as slack_routes
 
         features.append(slack_routes)
+    if settings.github.webhook_secret is not None:
+        from bot.github import webhook
+
+        features.append(webhook.routes)
     return features

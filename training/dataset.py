@@ -41,7 +41,7 @@ from sqlalchemy import select
 
 from bot.settings import Settings, parse_repo_config
 from bot.store.db import Store
-from bot.store.models import Job, MergedChange, PullRequest, Request, Revision, ReviewSignal
+from bot.store.models import Job, MergedChange, PullRequest, Request, ReviewSignal
 from inference import context as ctx
 from inference.edits import default_format_for, describe_format
 from inference.prompts import ContextDoc, build_prompt, fence_lang
@@ -422,7 +422,8 @@ def _completion(c: _Context, base_sha: str | None, diff: str, after_sha: str | N
     return render_whole(files), [p for p, _ in files], None
 
 
-def resolve_checkout(repo: str, settings: Settings, repo_dirs: dict[str, Path] | None) -> Path | None:
+def resolve_checkout(repo: str, settings: Settings,
+                     repo_dirs: dict[str, Path] | None) -> Path | None:
     """A local git repository for `repo`: given, the path itself (local forge), or None."""
     if repo_dirs and repo in repo_dirs:
         return Path(repo_dirs[repo])
@@ -567,8 +568,10 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
                              "diff": rev.diff, "trigger": rev.trigger, "when": rev.created_at,
                              "feedback": job.feedback if job else None})
             sigs = [{"kind": g.kind, "revision_id": g.revision_id, "when": g.created_at}
-                    for g in s.scalars(select(ReviewSignal).where(ReviewSignal.pull_request_id == pr.id))]
-            pr_rows[pr.id] = {"state": pr.state, "requirement": req.requirement if req else pr.title,
+                    for g in s.scalars(select(ReviewSignal).where(
+                        ReviewSignal.pull_request_id == pr.id))]
+            pr_rows[pr.id] = {"state": pr.state,
+                              "requirement": req.requirement if req else pr.title,
                               "revisions": revs, "signals": sigs}
         change_rows = [
             {"id": m.id, "title": m.title, "body": m.body, "issue_title": m.issue_title,
@@ -606,7 +609,7 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
             base_of_first = merged_by_pr[pr_id][1]["base"]
         # Review comment → revision (merged pull requests only: closed code never enters SFT).
         if pr["state"] == "merged":
-            for prev, rev in zip(revs, revs[1:]):
+            for prev, rev in zip(revs, revs[1:], strict=False):
                 if rev["trigger"] != "review" or not rev["feedback"]:
                     continue
                 built["review_revision"] += 1
@@ -620,7 +623,8 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
                 review_sft.append(Example(key=key, kind="sft", source="review_revision",
                                           prompt=prompt, completion=answer, when=rev["when"],
                                           paths=paths, meta={"revision_id": rev["id"],
-                                          "change": change_signature(rev["diff"], rev["feedback"])}))
+                                          "change": change_signature(rev["diff"],
+                                                                     rev["feedback"])}))
         # Preference: first bot diff (rejected) vs the final merged change (chosen).
         if pr["state"] == "merged" and len(revs) > 1 and pr_id in merged_by_pr:
             built["preference"] += 1
@@ -642,7 +646,8 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
             label = None
             if "changes_requested" in kinds or (rev is final and pr["state"] == "closed"):
                 label = False
-            elif "approved" in kinds or (rev is final and pr["state"] == "merged" and len(revs) == 1):
+            elif "approved" in kinds or (
+                    rev is final and pr["state"] == "merged" and len(revs) == 1):
                 label = True
             if label is None:
                 continue

@@ -238,7 +238,7 @@ def decide(candidate: dict, active: dict, settings: Settings) -> dict:
     c_loss, a_loss = candidate.get("loss", []), active.get("loss", [])
     primary_better = False
     if c_loss and a_loss and len(c_loss) == len(a_loss):
-        diffs = [c - a for c, a in zip(c_loss, a_loss)]
+        diffs = [c - a for c, a in zip(c_loss, a_loss, strict=True)]
         mean_d = statistics.fmean(diffs)
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
         a_mean = statistics.fmean(a_loss)
@@ -313,8 +313,8 @@ def format_report(report: dict) -> str:
              f"{report.get('active')}, {report.get('confidence', 0):.0%} intervals)"]
     for name, m in report.get("metrics", {}).items():
         arrow = "lower is better" if m.get("lower_is_better") else "higher is better"
-        flag = "WORSE" if m["worse"] else ("better" if m["diff"] < 0 and m.get("lower_is_better")
-                                           or m["diff"] > 0 and not m.get("lower_is_better") else "same")
+        improved = m["diff"] < 0 if m.get("lower_is_better") else m["diff"] > 0
+        flag = "WORSE" if m["worse"] else ("better" if improved else "same")
         lines.append(f"  {name:12} candidate {m['candidate']:.4f}  active {m['active']:.4f}  "
                      f"diff {m['diff']:+.4f}  ci [{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}]  "
                      f"n={m['n']}  {flag} ({arrow})")

@@ -38,7 +38,8 @@ class RegistryError(ValueError):
 def _as_dict(v: ModelVersion) -> dict:
     return {
         "id": v.id, "name": v.name, "base_model": v.base_model, "adapter_path": v.adapter_path,
-        "status": v.status, "metrics": dict(v.metrics or {}), "dataset_card": dict(v.dataset_card or {}),
+        "status": v.status, "metrics": dict(v.metrics or {}),
+        "dataset_card": dict(v.dataset_card or {}),
         "created_at": v.created_at,
     }
 
@@ -143,7 +144,8 @@ def promote(settings: Settings, store: Store, version_id: int, *, actor: str | N
         raise RegistryError(f"version {version_id} ({version['name']}) is already active")
     if not version["adapter_path"] or not Path(version["adapter_path"]).is_dir():
         raise RegistryError(f"version {version_id} has no adapter at {version['adapter_path']}")
-    how = load_into_serving(settings, version, backend)  # before the switch: a failure changes nothing
+    # Load before the switch: a failure changes nothing.
+    how = load_into_serving(settings, version, backend)
     with store.session() as s:
         current = s.scalar(select(ModelVersion).where(ModelVersion.status == "active"))
         previous_id = current.id if current else None
@@ -171,7 +173,8 @@ def rollback(settings: Settings, store: Store, *, actor: str | None = None) -> d
             previous.status = "active"
         s.add(ModelPromotion(action="rollback", version_id=previous.id if previous else None,
                              previous_id=current.id, actor=actor, note="rolled back"))
-        out = {"rolled_back": current.name, "now_serving": previous.name if previous else "base model"}
+        out = {"rolled_back": current.name,
+               "now_serving": previous.name if previous else "base model"}
     return out
 
 

@@ -175,8 +175,9 @@ def show_schedules(settings: Settings) -> list[dict]:
             out.append({
                 "repo": job.kwargs.get("repo"), "cron": cron, "paused": job.next_run_time is None,
                 "next_run": job.next_run_time,
-                "description": f"cron \"{cron}\" (UTC)" + (", paused" if job.next_run_time is None
-                                                          else f", next run {job.next_run_time:%Y-%m-%d %H:%M:%S} UTC"),
+                "description": f"cron \"{cron}\" (UTC)" + (
+                    ", paused" if job.next_run_time is None
+                    else f", next run {job.next_run_time:%Y-%m-%d %H:%M:%S} UTC"),
             })
         return sorted(out, key=lambda d: d["repo"])
 
@@ -193,7 +194,8 @@ def ensure_default_schedules(settings: Settings, store: Store, sched) -> list[st
     added = []
     for repo in known_repos(store):
         if sched.get_job(job_id(repo)) is None:
-            sched.add_job("training.schedule:scheduled_fire", parse_cron(settings.training.schedule),
+            sched.add_job("training.schedule:scheduled_fire",
+                          parse_cron(settings.training.schedule),
                           id=job_id(repo), name=f"retrain {repo}",
                           kwargs={"repo": repo, "cron": settings.training.schedule})
             added.append(repo)
@@ -209,7 +211,8 @@ def run_key(repo: str, when: datetime, trigger: str = "schedule") -> str:
 
 
 def enqueue_training(store: Store, repo: str, *, key: str, trigger: str,
-                     requested_by: str | None, enqueue: Callable[[int], object] | None) -> tuple[int, bool]:
+                     requested_by: str | None,
+                     enqueue: Callable[[int], object] | None) -> tuple[int, bool]:
     """Record the run once per key and enqueue it; returns (run id, created)."""
     try:
         with store.session() as s:
@@ -253,8 +256,8 @@ def retrain_now(settings: Settings, store: Store, repo: str, requested_by: str,
     """Record a training run for `repo` now and enqueue it on the huey queue; its id."""
     if enqueue is None:
         enqueue = _queue_enqueue(settings)
-    run_id, _ = enqueue_training(store, repo, key=run_key(repo, datetime.now(timezone.utc), "manual")
-                                 + f"#{time.monotonic_ns()}", trigger="manual",
+    key = run_key(repo, datetime.now(timezone.utc), "manual") + f"#{time.monotonic_ns()}"
+    run_id, _ = enqueue_training(store, repo, key=key, trigger="manual",
                                  requested_by=requested_by, enqueue=enqueue)
     return run_id
 
@@ -346,7 +349,8 @@ def run_training(settings: Settings, store: Store, run_id: int, *, backend: obje
         tok = AutoTokenizer.from_pretrained(base)
         t0 = time.perf_counter()
         data = build_dataset(settings, store, repo, repo_dirs=repo_dirs,
-                             count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+                             count_tokens=lambda t: len(tok(t, add_special_tokens=False)[
+                                 "input_ids"]))
         timings["dataset"] = round(time.perf_counter() - t0, 2)
         out = (settings.training.adapters_dir or settings.home / "adapters") / f"run-{run_id}"
         data.save(out / "dataset")

@@ -73,11 +73,13 @@ def check_adapter(adapter_dir: Path, max_rank: int = 16) -> dict:
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     problems = []
     if sorted(config.get("target_modules") or []) != sorted(TARGET_MODULES):
-        problems.append(f"target modules {config.get('target_modules')} are not the seven projections")
+        problems.append(f"target modules {config.get('target_modules')} "
+                        "are not the seven projections")
     if int(config.get("r", 0)) > max_rank:
         problems.append(f"rank {config.get('r')} is above {max_rank}")
     if config.get("modules_to_save"):
-        problems.append(f"modules_to_save {config['modules_to_save']} (vLLM loads LoRA weights only)")
+        problems.append(f"modules_to_save {config['modules_to_save']} "
+                        "(vLLM loads LoRA weights only)")
     if not (Path(adapter_dir) / "adapter_model.safetensors").exists():
         problems.append("no adapter_model.safetensors")
     if problems:
@@ -241,7 +243,8 @@ def train(
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     vocab = len(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
-        base_model, dtype=torch.float32 if cpu else (torch.bfloat16 if _bf16_ok() else torch.float16)
+        base_model,
+        dtype=torch.float32 if cpu else (torch.bfloat16 if _bf16_ok() else torch.float16),
     )
     result = TrainResult(adapter_dir=out_dir / "adapter")
     offset = [0]
@@ -347,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--max-steps", type=int, default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train(Settings(), load_saved(Path(args.dataset_dir)), Path(args.base_model),
                    Path(args.out_dir), max_steps=args.max_steps)
     print(json.dumps(result.summary(), indent=2))

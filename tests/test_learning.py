@@ -196,3 +196,78 @@ def test_a_double_fire_trains_once_and_a_thin_run_is_skipped_with_its_reason(tmp
     assert registry.last_training_run(store, str(repo))["id"] == run["id"]
     assert registry.last_training_run(store, "elsewhere") is None
     runtime.close()
+
+
+def test_promotion_canary_rollback_and_rates_per_version(tmp_path):
+    from bot import jobs
+    from bot.store.models import PullRequest
+    from feedback.signals import record_signal
+
+    settings = make_settings(tmp_path / "home", training=small_training(canary_share=0.25))
+    store = Store(settings.database_url)
+    ids = []
+    for name in ("app-v1", "app-v2"):
+        (tmp_path / name).mkdir()
+        ids.append(registry.create_candidate(store, name=name, base_model="smollm2",
+                                             adapter_path=tmp_path / name, dataset_card={}))
+    assert registry.serving_model(settings, store, job_id=1) == settings.backend.model
+    with pytest.raises(registry.RegistryError, match="no model version 99"):
+        registry.promote(settings, store, 99)
+    registry.promote(settings, store, ids[0], actor="maintainer")
+    assert {registry.serving_model(settings, store, j) for j in range(1, 50)} == {"app-v1"}
+    registry.promote(settings, store, ids[1], actor="maintainer")
+    with pytest.raises(registry.RegistryError, match="already active"):
+        registry.promote(settings, store, ids[1])
+    # The canary: a quarter of the jobs go to the new version, the rest to the previous one.
+    picks = [registry.serving_model(settings, store, j) for j in range(1, 401)]
+    share = picks.count("app-v2") / len(picks)
+    assert 0.15 < share < 0.35 and set(picks) == {"app-v1", "app-v2"}
+    assert picks == [registry.serving_model(settings, store, j) for j in range(1, 401)]
+    assert [v["status"] for v in registry.list_versions(store)] == ["retired", "active"]
+    assert registry.rollback(settings, store, actor="maintainer") == {
+        "rolled_back": "app-v2", "now_serving": "app-v1"}
+    assert [v["status"] for v in registry.list_versions(store)] == ["active", "rejected"]
+    assert registry.active_version(store)["name"] == "app-v1"
+
+    # Approval and merge rates per version, from the pull requests each version wrote.
+    for i, (model, signal) in enumerate([("app-v1", "approved"), ("app-v1", "closed_unmerged"),
+                                         ("app-v2", "approved")]):
+        sub = jobs.submit(store, source="cli", repo="acme/app", requirement=f"change {i}",
+                          max_bytes=1000)
+        with store.session() as s:
+            pr = PullRequest(request_id=sub.request_id, forge="local", repo="acme/app",
+                             branch=f"b{i}", base_branch="main", title="t", body="",
+                             model_version=model, state="merged" if i == 0 else "open")
+            s.add(pr)
+            s.flush()
+            pr_id = pr.id
+        record_signal(store, pr_id, kind=signal, source="local", external_id=f"s{i}")
+    rates = registry.version_rates(store)
+    assert rates["app-v1"] == {"pull_requests": 2, "approved": 1, "merged": 1,
+                               "approval_rate": 0.5, "merge_rate": 0.5}
+    assert rates["app-v2"]["approval_rate"] == 1.0 and rates["app-v2"]["merge_rate"] == 0.0
+
+
+def test_schedule_commands(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    settings = make_settings(tmp_path / "home")
+    env = cli_env(settings)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "bot.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    bad = cli("schedule", "set", "weekly", "--repo", "acme/app")
+    assert bad.returncode == 2 and "use five cron fields" in bad.stderr
+    ok = cli("schedule", "set", "30 4 * * 1-5", "--repo", "acme/app")
+    assert ok.returncode == 0 and "next run" in ok.stdout
+    assert cli("schedule", "pause", "--repo", "acme/app").returncode == 0
+    shown = cli("schedule", "show")
+    assert 'acme/app: cron "30 4 * * 1-5" (UTC), paused' in shown.stdout
+    missing = cli("schedule", "resume", "--repo", "other/app")
+    assert missing.returncode == 2 and "no schedule for other/app" in missing.stderr
+    assert "no model versions yet" in cli("models").stdout

@@ -60,7 +60,13 @@ def plain_sft(model_dir: Path, rows: list[dict], out: Path, examples_seen: int, 
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    return {"tokens": counter.tokens, "positions": counter.positions, "seconds": seconds,
+    from training.train import logged_tokens
+
+    seen = logged_tokens(trainer)
+    tokens, positions = counter.tokens, counter.positions
+    if seen and tokens:
+        tokens, positions = seen, round(seen * counter.positions / counter.tokens)
+    return {"tokens": tokens, "positions": positions, "seconds": seconds,
             "steps": steps, "batch": args.per_device_train_batch_size,
             "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16, "note": note}
 

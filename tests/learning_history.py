@@ -25,15 +25,19 @@ def slugify(text):
 # (commit message, function added to textutil.py)
 PEOPLE = [
     ("Add shout(text): upper-case with an exclamation mark",
-     'def shout(text):\n    """Upper-case text with an exclamation mark."""\n    return text.upper() + "!"\n'),
+     'def shout(text):\n    """Upper-case text with an exclamation mark."""\n'
+     '    return text.upper() + "!"\n'),
     ("Add count_words(text): how many words the text has",
      'def count_words(text):\n    """How many words."""\n    return len(text.split())\n'),
     ("Add reverse_words(text): the words in reverse order",
-     'def reverse_words(text):\n    """Words in reverse order."""\n    return " ".join(reversed(text.split()))\n'),
+     'def reverse_words(text):\n    """Words in reverse order."""\n'
+     '    return " ".join(reversed(text.split()))\n'),
     ("Add is_palindrome(text): true when the text reads the same backwards",
-     'def is_palindrome(text):\n    """Same backwards."""\n    clean = text.lower().replace(" ", "")\n    return clean == clean[::-1]\n'),
+     'def is_palindrome(text):\n    """Same backwards."""\n'
+     '    clean = text.lower().replace(" ", "")\n    return clean == clean[::-1]\n'),
     ("Add first_word(text): the first word or an empty string",
-     'def first_word(text):\n    """The first word."""\n    words = text.split()\n    return words[0] if words else ""\n'),
+     'def first_word(text):\n    """The first word."""\n'
+     '    words = text.split()\n    return words[0] if words else ""\n'),
 ]
 
 BOT_REQUIREMENT = "Add a function last_word(text) to textutil.py that returns the last word."
@@ -70,7 +74,8 @@ def make_history(root: Path, store: Store, people: int = len(PEOPLE), newest: in
     for i, (message, body) in enumerate(PEOPLE[:people]):
         append_function(repo, body)
         git(repo, "add", "-A")
-        when = now + timedelta(hours=1 + i) if i >= people - newest else now - timedelta(days=30 - i)
+        newer = i >= people - newest
+        when = now + timedelta(hours=1 + i) if newer else now - timedelta(days=30 - i)
         stamp = when.strftime("%Y-%m-%dT%H:%M:%S+0000")
         subprocess.run(["git", *ENV, "commit", "-q", "-m", message], cwd=repo, check=True,
                        env={"GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp,

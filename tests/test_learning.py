@@ -124,7 +124,8 @@ def _wait(predicate, timeout: float = 30.0):
 
 def _runs(store: Store) -> list[dict]:
     with store.session() as s:
-        return [registry.run_as_dict(r) for r in s.scalars(select(TrainingRun).order_by(TrainingRun.id))]
+        rows = s.scalars(select(TrainingRun).order_by(TrainingRun.id))
+        return [registry.run_as_dict(r) for r in rows]
 
 
 def test_schedule_survives_a_scheduler_restart(tmp_path, db_url):
@@ -141,6 +142,8 @@ def test_schedule_survives_a_scheduler_restart(tmp_path, db_url):
     first.start()
     try:
         _wait(lambda: any(r["repo"] == "acme/app" for r in _runs(store)))
+        with pytest.raises(schedule.SchedulerRunning, match="another codeloop scheduler"):
+            schedule.run_scheduler(settings, threading.Event(), enqueued.append)
         # The repository the store knows got the default weekly schedule.
         shown = {row["repo"]: row for row in schedule.show_schedules(settings)}
         assert shown[str(repo)]["cron"] == settings.training.schedule
@@ -166,13 +169,15 @@ def test_schedule_survives_a_scheduler_restart(tmp_path, db_url):
         stop.set()
         second.join(30)
     runs = [r for r in _runs(store) if r["repo"] == "acme/app"]
-    assert all(r["key"].startswith("acme/app@schedule:") and r["trigger"] == "schedule" for r in runs)
+    assert all(r["key"].startswith("acme/app@schedule:") for r in runs)
+    assert all(r["trigger"] == "schedule" for r in runs)
     assert len({r["key"] for r in runs}) == len(runs)
     assert set(enqueued) == {r["id"] for r in _runs(store)}
 
 
 def test_a_double_fire_trains_once_and_a_thin_run_is_skipped_with_its_reason(tmp_path, db_url):
-    settings = make_settings(tmp_path / "home", db_url, training=small_training(min_new_examples=50))
+    training = small_training(min_new_examples=50)
+    settings = make_settings(tmp_path / "home", db_url, training=training)
     runtime = build_runtime(settings)
     store = runtime.store
     repo = make_history(tmp_path, store, people=2, newest=0)
@@ -182,7 +187,8 @@ def test_a_double_fire_trains_once_and_a_thin_run_is_skipped_with_its_reason(tmp
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(
-            lambda _: schedule.fire(settings, store, str(repo), slot, huey.codeloop_train), range(2)))
+            lambda _: schedule.fire(settings, store, str(repo), slot, huey.codeloop_train),
+            range(2)))
     assert sorted(created for _, created in results) == [False, True]
     assert results[0][0] == results[1][0]
     (run,) = _runs(store)

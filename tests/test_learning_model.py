@@ -194,3 +194,14 @@ def test_a_training_run_through_the_queue_trains_gates_and_reports(tmp_path, emb
     assert skipped["id"] == second and skipped["state"] == "skipped"
     assert skipped["reason"].startswith("only 0 new merged change(s) since")
     runtime.close()
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(trained, embedded_model_dir):
+    """The run directory keeps checkpoints; training again continues after the last one."""
+    run = trained["root"] / "run-resumed"
+    shutil.copytree(trained["result"].adapter_dir.parent, run)
+    shutil.rmtree(run / "adapter")
+    assert (run / "checkpoints-sft" / "checkpoint-3").is_dir()
+    result = train(trained["settings"], trained["data"], embedded_model_dir, run, max_steps=4)
+    assert [p["step"] for p in result.losses] == [4]  # steps 1-3 were not trained again
+    assert result.steps == 4 and (run / "adapter" / "adapter_model.safetensors").exists()

@@ -21,6 +21,7 @@ from feedback.signals import SignalError, record_signal
 
 TABLES = {"requests", "jobs", "job_stages", "pull_requests", "revisions", "review_signals",
           "model_versions", "edit_format_stats", "deliveries", "merged_changes", "alembic_version"}
+TABLES |= {"training_runs", "model_promotions"}  # the learning loop (training/)
 ELSEWHERE_A = "other-host-a:100:boot"  # owners on another host: never presumed dead
 ELSEWHERE_B = "other-host-b:200:boot"
 OWNERS = (ELSEWHERE_A, ELSEWHERE_B)

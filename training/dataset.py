@@ -235,7 +235,8 @@ class Checkout:
 
 
 def _git(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                          errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"git {' '.join(args[:2])}: {proc.stderr.strip()}")
     return proc.stdout

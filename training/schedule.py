@@ -269,10 +269,75 @@ def _queue_enqueue(settings: Settings) -> Callable[[int], object]:
     return huey.codeloop_train
 
 
+class SchedulerRunning(RuntimeError):
+    """Another scheduler process holds the lock on this database."""
+
+
+class _SingleScheduler:
+    """One scheduler per database: a PostgreSQL advisory lock, or a file lock next to the
+    SQLite database (released when the process ends, however it ends)."""
+
+    KEY = 0x636F64656C6F6F70 & 0x7FFFFFFFFFFFFFFF  # "codeloop"
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store, self.settings = store, settings
+        self._conn = None
+        self._fh = None
+
+    def __enter__(self):
+        if self.store.engine.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            self._conn = self.store.engine.connect()
+            got = self._conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                     {"k": self.KEY}).scalar()
+            if not got:
+                self._conn.close()
+                raise SchedulerRunning("another codeloop scheduler is running on this database")
+            return self
+        import fcntl
+
+        path = self.settings.home / "scheduler.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "w")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise SchedulerRunning(
+                f"another codeloop scheduler is running ({path} is locked)") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self._conn is not None:
+            from sqlalchemy import text
+
+            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.KEY})
+            self._conn.close()
+        if self._fh is not None:
+            self._fh.close()
+
+
 def run_scheduler(settings: Settings, stop: threading.Event,
                   enqueue: Callable[[int], object] | None = None) -> None:
-    """The one scheduler process: blocks until `stop` is set."""
+    """The one scheduler process: blocks until `stop` is set. SchedulerRunning when another
+    scheduler already runs on this database."""
     store = Store(settings.database_url)
+    lock = _SingleScheduler(store, settings)
+    try:
+        lock.__enter__()
+    except SchedulerRunning:
+        store.close()
+        raise
+    try:
+        _run_scheduler(settings, store, stop, enqueue)
+    finally:
+        lock.__exit__(None, None, None)
+        store.close()
+
+
+def _run_scheduler(settings: Settings, store: Store, stop: threading.Event,
+                   enqueue: Callable[[int], object] | None) -> None:
     enqueue = enqueue or _queue_enqueue(settings)
     _RUNNER["ctx"] = {"settings": settings, "store": store, "enqueue": enqueue}
     sched = _scheduler(settings)
@@ -290,7 +355,6 @@ def run_scheduler(settings: Settings, stop: threading.Event,
     finally:
         sched.shutdown(wait=True)
         _RUNNER.pop("ctx", None)
-        store.close()
 
 
 # ---------------------------------------------------------------- the training job

@@ -172,6 +172,12 @@ def _common_args(cfg: TrainingSettings, out: Path, steps: int | None, cpu: bool)
     )
 
 
+def logged_tokens(trainer) -> int:
+    """Tokens the trainer reports it trained on (TRL logs `num_tokens`), or 0."""
+    seen = [float(h["num_tokens"]) for h in trainer.state.log_history if "num_tokens" in h]
+    return int(max(seen)) if seen else 0
+
+
 def _bf16_ok() -> bool:
     import torch
 
@@ -311,6 +317,10 @@ def train(
 
     result.seconds = time.perf_counter() - started
     result.tokens, result.padded_tokens = counter.tokens, counter.positions
+    seen = logged_tokens(trainer)  # the trainer's own count of tokens it trained on
+    if seen and not phase and counter.tokens:
+        result.padded_tokens = round(seen * counter.positions / counter.tokens)
+        result.tokens = seen
     if len(tokenizer) != vocab:
         raise RuntimeError("training added tokens to the tokenizer; vLLM adapters cannot")
     peft_model.save_pretrained(str(result.adapter_dir))

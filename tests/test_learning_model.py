@@ -205,3 +205,20 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(trained, embedded_m
     result = train(trained["settings"], trained["data"], embedded_model_dir, run, max_steps=4)
     assert [p["step"] for p in result.losses] == [4]  # steps 1-3 were not trained again
     assert result.steps == 4 and (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("phase", ["dpo", "kto"])
+def test_dpo_or_kto_follows_sft_when_there_are_enough_signals(phase, tmp_path, embedded_model_dir):
+    thresholds = (dict(min_preference_pairs=1) if phase == "dpo"
+                  else dict(min_preference_pairs=100, min_kto_examples=2))
+    training = TrainingSettings(max_seq_len=512, holdout_share=0.3, grad_accum=1,
+                                humaneval_subset=0, **thresholds)
+    settings = make_settings(tmp_path / "home", training=training)
+    store = Store(settings.database_url)
+    repo = make_history(tmp_path, store)
+    data = build_dataset(settings, store, str(repo))
+    assert len(data.preference) == 1 and sorted(e.label for e in data.kto) == [False, True]
+    result = train(settings, data, embedded_model_dir, tmp_path / "run", max_steps=1)
+    assert result.phases == ["sft", phase]
+    assert [(p["step"], p["phase"]) for p in result.losses] == [(1, "sft"), (2, phase)]
+    check_adapter(result.adapter_dir)

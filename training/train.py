@@ -300,6 +300,9 @@ def train(
         else:
             from trl import KTOConfig, KTOTrainer
 
+            # KTO's KL term compares examples within a batch: it needs two or more.
+            common["per_device_train_batch_size"] = max(2, cfg.batch_size)
+
             ptrainer = KTOTrainer(
                 model=peft_model, args=KTOConfig(**common, max_length=cfg.max_seq_len),
                 train_dataset=Dataset.from_list(kto_rows(data.kto)),

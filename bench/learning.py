@@ -34,6 +34,14 @@ def heldout_loss(model_dir: Path, adapter: Path | None, examples, max_len: int) 
     return statistics.fmean([x for x in losses if x == x])
 
 
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def plain_sft(model_dir: Path, rows: list[dict], out: Path, examples_seen: int, cfg) -> dict:
     """TRL's SFTTrainer with its default settings (LoRA config as ours, CPU as available)."""
     import torch
@@ -43,18 +51,16 @@ def plain_sft(model_dir: Path, rows: list[dict], out: Path, examples_seen: int, 
     from training.train import TokenCounter, lora_config
 
     args = SFTConfig(output_dir=str(out), report_to=[], use_cpu=not torch.cuda.is_available())
+    note = "defaults"
+    if args.bf16 and not torch.cuda.is_available() and not cpu_has_bf16():
+        # Emulated bf16 on a CPU without bf16 instructions takes tens of minutes a step.
+        args.bf16 = False
+        note = "defaults, bf16 off (this CPU has no bf16 instructions)"
     steps = max(1, examples_seen // (args.per_device_train_batch_size
                                      * args.gradient_accumulation_steps))
     args.max_steps = steps
-    try:
-        trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
-                             peft_config=lora_config(cfg))
-        note = "defaults"
-    except (ValueError, RuntimeError) as exc:  # e.g. bf16 refused on this CPU
-        args.bf16 = False
-        trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
-                             peft_config=lora_config(cfg))
-        note = f"defaults, bf16 off ({exc})"
+    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
+                         peft_config=lora_config(cfg))
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     started = time.perf_counter()
@@ -112,16 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     result = train(settings, data, model_dir, work / "run", max_steps=args.steps)
     after = heldout_loss(model_dir, result.adapter_dir, data.heldout, args.max_seq_len)
     seen = args.steps * cfg.batch_size * cfg.grad_accum
-    plain = None if args.skip_plain else plain_sft(model_dir, sft_rows(data.sft), work / "plain",
-                                                   seen, cfg)
-
     print()
     print(f"| held-out changes | {len(data.heldout)} (newest {cfg.holdout_share:.0%}) | "
           f"train examples | {len(data.sft)} |")
     print()
     print("| metric | base model | after codeloop LoRA |")
     print("|---|---|---|")
-    print(f"| held-out mean token loss | {before:.4f} | {after:.4f} |")
+    print(f"| held-out mean token loss | {before:.4f} | {after:.4f} |", flush=True)
+    plain = None if args.skip_plain else plain_sft(model_dir, sft_rows(data.sft), work / "plain",
+                                                   seen, cfg)
     print()
     print("| trainer | steps x batch | tokens | seconds | tokens/s | padding share |")
     print("|---|---|---|---|---|---|")

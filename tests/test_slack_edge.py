@@ -366,3 +366,34 @@ def test_a_failed_job_says_why_and_retry_runs_it_again(harness_factory):
     assert len(jobs_) == 2
     retry_id = jobs_[1].id
     assert h.wait_job(retry_id).state == "succeeded"
+
+
+def test_admins_retrain_now_and_set_pause_the_schedule_from_slack(harness_factory, repo):
+    from sqlalchemy import select
+
+    from bot.store.models import TrainingRun
+    from training.schedule import show_schedules
+
+    h = harness_factory()
+
+    def answer(text: str) -> str:
+        before = len(h.slack.of("chat.postEphemeral"))
+        h.command(text, channel=LINKED, user=ADMIN)
+        return h.slack.wait_for(lambda s: s.of("chat.postEphemeral")[before:],
+                                what=f"answer to {text!r}")[0].params["text"]
+
+    queued = answer("retrain now")
+    with h.store.session() as s:
+        run = s.scalar(select(TrainingRun))
+    assert run is not None and run.repo == str(repo) and run.requested_by == ADMIN
+    assert queued == f"Training run #{run.id} queued for {repo}."
+
+    assert answer("schedule 0 3 * * 1").startswith(f"Retraining {repo}:")
+    [sched] = show_schedules(h.settings)
+    assert sched["repo"] == str(repo) and sched["cron"] == "0 3 * * 1" and not sched["paused"]
+
+    assert "not accepted" in answer("schedule every tuesday-ish")
+    assert show_schedules(h.settings)[0]["cron"] == "0 3 * * 1"  # the bad one changed nothing
+
+    assert answer("schedule off") == f"Retraining for {repo} is paused."
+    assert show_schedules(h.settings)[0]["paused"]

@@ -178,6 +178,14 @@ class SlackSettings(BaseModel):
     )
 
 
+class OpsSettings(BaseModel):
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="Log lines of `codeloop serve|web|worker|scheduler`: json, text, or auto "
+        "(text on a terminal, JSON otherwise).",
+    )
+
+
 class Settings(BaseSettings):
     """Root settings object: CODELOOP_ prefix, `__` between nested names."""
 
@@ -206,6 +214,7 @@ class Settings(BaseSettings):
     forge: ForgeSettings = Field(default_factory=ForgeSettings, description="Where PRs go.")
     github: GitHubSettings = Field(default_factory=GitHubSettings, description="GitHub.")
     slack: SlackSettings = Field(default_factory=SlackSettings, description="Slack.")
+    ops: OpsSettings = Field(default_factory=OpsSettings, description="Operations: logs.")
 
     @property
     def database_url(self) -> str:

@@ -162,11 +162,16 @@ def _validation_checks(job: Job) -> list[dict]:
     return list((validation or {}).get("checks", []))
 
 
+def _web_url(url: str | None) -> str | None:
+    """Only links a browser can follow (the local forge's "url" is a path#branch)."""
+    return url if url and url.startswith(("https://", "http://")) else None
+
+
 def _job_row(job: Job) -> dict:
     req = job.request
     pr = None
     if job.result and job.result.get("number") is not None:
-        pr = {"number": job.result["number"], "url": job.result.get("url")}
+        pr = {"number": job.result["number"], "url": _web_url(job.result.get("url"))}
     return {
         "id": job.id, "state": job.state, "kind": job.kind, "repo": req.repo,
         "source": req.source, "requester": req.requester or "", "created": job.created_at,
@@ -275,7 +280,7 @@ def routes(ctx) -> list[BaseRoute]:
             rows = []
             for pr in s.scalars(select(PullRequest).order_by(PullRequest.id.desc()).limit(200)):
                 rows.append({
-                    "number": pr.number or pr.id, "url": pr.url, "title": pr.title,
+                    "number": pr.number or pr.id, "url": _web_url(pr.url), "title": pr.title,
                     "repo": pr.repo, "branch": pr.branch, "state": pr.state,
                     "model": pr.model_version, "revisions": len(pr.revisions),
                     "outcome": _outcome(pr), "created": pr.created_at,

@@ -229,7 +229,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from bot.doctor import doctor
 
-    return doctor(settings, write=_print, timeout=args.timeout)
+    from bot.doctor import PARTS
+
+    only = tuple(p.strip() for p in args.only.split(",") if p.strip()) if args.only else PARTS
+    unknown = [p for p in only if p not in PARTS]
+    if unknown:
+        return _fail(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    return doctor(settings, write=_print, timeout=args.timeout, only=only)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -346,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("scheduler", help="the retraining scheduler (run one)").set_defaults(fn=cmd_serve)
     doctor = sub.add_parser("doctor", help="check the set-up: one line per part, what to fix")
     doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    doctor.add_argument("--only", help="comma-separated parts: database,queue,backend,slack,"
+                        "github,sandbox (health checks use --only database,queue)")
     doctor.set_defaults(fn=cmd_doctor)
     sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(fn=cmd_migrate)
     sub.add_parser("stats", help="job states and edit-format well-formedness").set_defaults(fn=cmd_stats)

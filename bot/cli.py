@@ -227,9 +227,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.doctor import doctor
-
-    from bot.doctor import PARTS
+    from bot.doctor import PARTS, doctor
 
     only = tuple(p.strip() for p in args.only.split(",") if p.strip()) if args.only else PARTS
     unknown = [p for p in only if p not in PARTS]
@@ -349,13 +347,15 @@ def parser() -> argparse.ArgumentParser:
                    ).set_defaults(fn=cmd_serve)
     sub.add_parser("web", help="the web server: webhooks, Slack events, metrics, dashboard"
                    ).set_defaults(fn=cmd_serve)
-    sub.add_parser("scheduler", help="the retraining scheduler (run one)").set_defaults(fn=cmd_serve)
+    sub.add_parser("scheduler", help="the retraining scheduler (run one)"
+                   ).set_defaults(fn=cmd_serve)
     doctor = sub.add_parser("doctor", help="check the set-up: one line per part, what to fix")
     doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
     doctor.add_argument("--only", help="comma-separated parts: database,queue,backend,slack,"
                         "github,sandbox (health checks use --only database,queue)")
     doctor.set_defaults(fn=cmd_doctor)
-    sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(fn=cmd_migrate)
+    sub.add_parser("migrate", help="bring the database schema up to date"
+                   ).set_defaults(fn=cmd_migrate)
     sub.add_parser("stats", help="job states and edit-format well-formedness").set_defaults(fn=cmd_stats)
 
     demo = sub.add_parser("demo", help="the whole loop on a sample repository, embedded model")

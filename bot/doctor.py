@@ -124,7 +124,8 @@ def check_backend(settings: Settings, timeout: float = 5.0) -> Check:
         from inference.backends.embedded import EmbeddedModelMissing, find_gguf, is_converted
 
         if is_converted(settings.embedded.cache_dir):
-            return Check("backend", "ok", f"embedded model converted in {settings.embedded.cache_dir}")
+            return Check("backend", "ok",
+                         f"embedded model converted in {settings.embedded.cache_dir}")
         try:
             gguf = find_gguf()
         except EmbeddedModelMissing as exc:
@@ -231,8 +232,8 @@ def check_github_access(settings: Settings, timeout: float = 5.0) -> Check:
     if g.app_id is not None:
         key = _private_key(settings)
         if key is None:
-            return Check("github app", "fail", "CODELOOP_GITHUB__APP_ID is set but no private key — "
-                         "set CODELOOP_GITHUB__PRIVATE_KEY_PATH to the App's .pem file")
+            return Check("github app", "fail", "CODELOOP_GITHUB__APP_ID is set but no private "
+                         "key — set CODELOOP_GITHUB__PRIVATE_KEY_PATH to the App's .pem file")
         try:
             integration = github.GithubIntegration(
                 auth=github.Auth.AppAuth(g.app_id, key), base_url=g.api_url.rstrip("/"),

@@ -18,7 +18,9 @@ from datetime import datetime, timezone
 
 request_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_id", default=None)
 job_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("job_id", default=None)
-delivery_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("delivery_id", default=None)
+delivery_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "delivery_id", default=None
+)
 
 _IDS = (("request_id", request_id), ("job_id", job_id), ("delivery_id", delivery_id))
 MASK = "***"

@@ -59,7 +59,8 @@ class StoreCollector(Collector):
         except Exception:  # noqa: BLE001 - a scrape must answer even when the database is down
             log.warning("metrics: the store could not be read", exc_info=True)
             up = 0
-        g = GaugeMetricFamily("codeloop_store_up", "1 when the store could be read for this scrape.")
+        g = GaugeMetricFamily("codeloop_store_up",
+                              "1 when the store could be read for this scrape.")
         g.add_metric([], up)
         yield g
 

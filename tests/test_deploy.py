@@ -78,7 +78,8 @@ def test_compose_environment_names_are_settings_and_parse(compose, monkeypatch):
     web = compose["services"]["web"]
     port = int(web["environment"]["CODELOOP_WEB__PORT"])
     assert any(str(p).endswith(f":{port}") for p in web["ports"])
-    assert str(port) in " ".join(web["healthcheck"]["test"]) and "/readyz" in str(web["healthcheck"])
+    health = " ".join(web["healthcheck"]["test"])
+    assert str(port) in health and "/readyz" in health
 
 
 def test_compose_vllm_serves_lora_on_gpus(compose):
@@ -87,7 +88,8 @@ def test_compose_vllm_serves_lora_on_gpus(compose):
     assert "--enable-lora" in args
     assert any(a.startswith("--max-lora-rank=") for a in args)
     served = next(a.split("=", 1)[1] for a in args if a.startswith("--served-model-name="))
-    worker_model = interpolate(compose["services"]["worker"]["environment"]["CODELOOP_BACKEND__MODEL"])
+    worker_env = compose["services"]["worker"]["environment"]
+    worker_model = interpolate(worker_env["CODELOOP_BACKEND__MODEL"])
     assert served == worker_model  # codeloop asks for the name vLLM serves
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     devices = vllm["deploy"]["resources"]["reservations"]["devices"]
@@ -96,7 +98,7 @@ def test_compose_vllm_serves_lora_on_gpus(compose):
 
 def test_env_example_lists_every_setting_with_its_description():
     text = (DEPLOY / ".env.example").read_text()
-    assert text == render(), "deploy/.env.example is stale: python -m bot.envfile > deploy/.env.example"
+    assert text == render(), "stale: run python -m bot.envfile > deploy/.env.example"
     lines = text.splitlines()
     settings = list(env_settings())
     assert len(settings) > 40

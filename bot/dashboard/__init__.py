@@ -28,7 +28,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot.dashboard.chart import loss_chart_svg
-from bot.store.models import Job, JobStage, ModelVersion, PullRequest, Request as JobRequest
+from bot.store.models import Job, JobStage, ModelVersion, PullRequest
 
 log = logging.getLogger(__name__)
 

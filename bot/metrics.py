@@ -55,6 +55,7 @@ class StoreCollector(Collector):
                 yield from self._validation(s)
                 yield from self._pull_requests(s)
                 yield from self._models(s)
+                yield from self._training(s)
             up = 1
         except Exception:  # noqa: BLE001 - a scrape must answer even when the database is down
             log.warning("metrics: the store could not be read", exc_info=True)
@@ -189,6 +190,34 @@ class StoreCollector(Collector):
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     metric.add_metric([name, status, key], float(value))
         yield metric
+
+
+    def _training(self, s):
+        try:
+            from bot.store.models import TrainingRun  # the learning loop's table
+        except ImportError:
+            return
+        g = GaugeMetricFamily("codeloop_training_runs", "Training runs by state and trigger.",
+                              labels=["state", "trigger"])
+        for state, trigger, n in s.execute(
+            select(TrainingRun.state, TrainingRun.trigger, func.count())
+            .group_by(TrainingRun.state, TrainingRun.trigger)
+        ):
+            g.add_metric([state, trigger], n)
+        yield g
+        last = s.execute(
+            select(TrainingRun.repo, TrainingRun.losses)
+            .where(TrainingRun.state == "succeeded").order_by(TrainingRun.id.desc()).limit(1)
+        ).first()
+        loss = GaugeMetricFamily("codeloop_training_final_loss",
+                                 "Final training loss of the newest successful run.",
+                                 labels=["repo"])
+        if last is not None and last.losses:
+            final = last.losses[-1]
+            value = final.get("loss") if isinstance(final, dict) else None
+            if isinstance(value, int | float):
+                loss.add_metric([last.repo], float(value))
+        yield loss
 
 
 class AckTimer:

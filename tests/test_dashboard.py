@@ -186,3 +186,58 @@ def test_forged_cookie_and_missing_token(dashboard, tmp_path):
     with TestClient(app) as client:
         assert client.get("/", follow_redirects=False).status_code == 404
         assert client.get("/login").status_code == 404
+
+
+def test_model_loss_chart_and_the_retraining_schedule(dashboard, browser):
+    """The learning loop's parts: a training run's losses drawn on the model page, and the
+    schedule changed from the browser (through training.schedule, stored for the scheduler)."""
+    pytest.importorskip("training.schedule", reason="the learning loop is not in this build")
+    from training import schedule
+
+    from bot.store.models import TrainingRun
+
+    url, runtime = dashboard["url"], dashboard["runtime"]
+    losses = [{"step": step, "loss": round(2.5 * 0.8 ** step + 0.3, 4)} for step in range(12)]
+    with runtime.store.session() as s:
+        s.add(TrainingRun(key="repo:test-run", repo="acme/widgets", trigger="manual",
+                          requested_by="ada", state="succeeded", losses=losses,
+                          model_version_id=dashboard["version_id"], reason="promoted"))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    login(page, url)
+    page.goto(f"{url}/models/{dashboard['version_id']}")
+    chart = page.locator("#loss svg.loss-chart")
+    assert chart.count() == 1
+    points = chart.locator("polyline.loss").get_attribute("points").split()
+    assert len(points) == len(losses)
+    ys = [float(p.split(",")[1]) for p in points]
+    assert ys[0] < ys[-1]  # the loss falls: later points sit lower (larger y) on the chart
+    assert chart.locator("circle title").first.inner_text() == "step 0: loss 2.8000"
+    assert "promoted" in page.locator("table#runs").inner_text()
+    chart.screenshot(path=str(SHOTS / "loss-chart.png"))
+    page.screenshot(path=str(SHOTS / "model-with-chart.png"), full_page=True)
+
+    settings = dashboard["settings"]
+    page.click("header >> text=Schedule")
+    page.fill("#set-schedule input[name=repo]", "acme/widgets")
+    page.fill("#set-schedule input[name=cron]", "0 3 * * 0")
+    page.click("#set-schedule button[type=submit]")
+    assert page.get_by_role("status").is_visible()
+    row = page.locator("tr[data-repo='acme/widgets']")
+    assert row.locator(".cron").inner_text() == "0 3 * * 0"
+    stored = {s["repo"]: s for s in schedule.show_schedules(settings)}
+    assert stored["acme/widgets"]["cron"] == "0 3 * * 0" and not stored["acme/widgets"]["paused"]
+
+    row.locator("button", has_text="Pause").click()
+    assert page.locator("tr[data-repo='acme/widgets'] .paused").inner_text() == "paused"
+    assert schedule.show_schedules(settings)[0]["paused"] is True
+    page.screenshot(path=str(SHOTS / "schedule.png"), full_page=True)
+
+    # A wrong cron expression is refused with a message and changes nothing.
+    page.fill("#set-schedule input[name=repo]", "acme/widgets")
+    page.fill("#set-schedule input[name=cron]", "every sunday")
+    page.click("#set-schedule button[type=submit]")
+    assert page.get_by_role("alert").is_visible()
+    assert schedule.show_schedules(settings)[0]["cron"] == "0 3 * * 0"
+
+    page.locator("tr[data-repo='acme/widgets'] button", has_text="Resume").click()
+    assert schedule.show_schedules(settings)[0]["paused"] is False

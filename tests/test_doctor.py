@@ -15,6 +15,7 @@ import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from bot.github_events import GITHUB_EVENTS
 from tests.conftest import cli_env, make_settings
 
 SLACK_TOKEN = "xoxb-1111-2222-wrongtoken"
@@ -140,3 +141,96 @@ def test_doctor_passes_a_sound_local_setup(tmp_path):
     assert not [line for line in result.stdout.splitlines() if line.startswith("FAIL")], \
         result.stdout
     assert result.returncode == 0
+
+
+class _AppHandler(BaseHTTPRequestHandler):
+    """GitHub's `GET /app` and `GET /app/installations`, as an App's JWT sees them."""
+
+    permissions: dict = {}
+    installations: list = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        if not self.headers.get("Authorization", "").startswith("Bearer "):
+            body, status = {"message": "A JSON web token could not be decoded"}, 401
+        elif self.path.startswith("/app/installations"):
+            body, status = self.installations, 200
+        elif self.path == "/app":
+            body, status = {"id": 7, "slug": "codeloop-test", "name": "codeloop-test",
+                            "permissions": self.permissions,
+                            "events": list(GITHUB_EVENTS)}, 200
+        else:
+            body, status = {"message": "Not Found"}, 404
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_github_app_permissions_and_installation(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from pydantic import SecretStr
+
+    from bot.doctor import check_github_access
+    from bot.settings import ForgeSettings, GitHubSettings
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AppHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = make_settings(
+        tmp_path / "home", forge=ForgeSettings(kind="github"),
+        github=GitHubSettings(app_id=7, private_key=SecretStr(key),
+                              api_url=f"http://127.0.0.1:{server.server_address[1]}"))
+    try:
+        _AppHandler.permissions = {"contents": "write", "issues": "read", "metadata": "read",
+                                   "pull_requests": "write"}
+        _AppHandler.installations = [{"id": 1, "app_id": 7, "target_type": "Organization",
+                                     "account": {"login": "acme"}}]
+        short = check_github_access(settings)
+        assert short.status == "fail" and "issues: write" in short.message
+        assert "contents" not in short.message
+
+        _AppHandler.permissions["issues"] = "write"
+        _AppHandler.installations = []
+        nowhere = check_github_access(settings)
+        assert nowhere.status == "fail" and "installed nowhere" in nowhere.message
+
+        _AppHandler.installations = [{"id": 1, "app_id": 7, "target_type": "Organization",
+                                     "account": {"login": "acme"}}]
+        good = check_github_access(settings)
+        assert good.status == "ok" and "installed for acme" in good.message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_backend_check_names_a_promoted_adapter_that_is_not_loaded(tmp_path):
+    from bot.doctor import check_backend
+    from bot.settings import BackendSettings
+    from bot.store.db import Store
+    from bot.store.models import ModelVersion
+    from tests.fakes import ScriptedBackend
+    from tests.openai_server import serve_openai
+
+    with serve_openai(ScriptedBackend("x"), served_name="smollm2-135m-instruct") as base_url:
+        settings = make_settings(tmp_path / "home",
+                                 backend=BackendSettings(kind="openai", base_url=base_url))
+        store = Store(settings.database_url)
+        assert check_backend(settings).status == "ok"
+        with store.session() as s:
+            s.add(ModelVersion(name="acme-v2", base_model="smollm2-135m-instruct",
+                               adapter_path="/data/adapters/acme-v2", status="active"))
+        missing = check_backend(settings)
+        assert missing.status == "fail" and "acme-v2" in missing.message
+        assert "load_lora_adapter" in missing.message
+        wrong = make_settings(tmp_path / "home", backend=BackendSettings(
+            kind="openai", base_url=base_url, model="qwen-coder"))
+        other = check_backend(wrong)
+        assert other.status == "fail" and "does not serve 'qwen-coder'" in other.message

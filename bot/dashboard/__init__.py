@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, quote
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -251,7 +252,8 @@ def routes(ctx) -> list[BaseRoute]:
     async def jobs_page(request: Request) -> Response:
         state = request.query_params.get("state") or None
         with store.session() as s:
-            query = select(Job).order_by(Job.id.desc()).limit(200)
+            query = (select(Job).options(selectinload(Job.request))
+                     .order_by(Job.id.desc()).limit(200))
             if state:
                 query = query.where(Job.state == state)
             rows = [_job_row(j) for j in s.scalars(query)]
@@ -278,7 +280,10 @@ def routes(ctx) -> list[BaseRoute]:
     async def pulls_page(request: Request) -> Response:
         with store.session() as s:
             rows = []
-            for pr in s.scalars(select(PullRequest).order_by(PullRequest.id.desc()).limit(200)):
+            query = (select(PullRequest).options(selectinload(PullRequest.revisions),
+                                                 selectinload(PullRequest.signals))
+                     .order_by(PullRequest.id.desc()).limit(200))
+            for pr in s.scalars(query):
                 rows.append({
                     "number": pr.number or pr.id, "url": _web_url(pr.url), "title": pr.title,
                     "repo": pr.repo, "branch": pr.branch, "state": pr.state,

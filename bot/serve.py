@@ -112,9 +112,12 @@ class Service:
         def guarded() -> None:
             try:
                 target()
-            except Exception:  # noqa: BLE001 - a part that dies stops the process
+            except BaseException:  # noqa: BLE001 - uvicorn exits with SystemExit on bind errors
                 log.exception("%s stopped with an error", name)
-                self.stop.set()
+            finally:
+                if not self.stop.is_set():  # a part that ends on its own ends the process
+                    log.error("%s stopped; shutting the process down", name)
+                    self.stop.set()
 
         thread = threading.Thread(target=guarded, name=name, daemon=True)
         thread.start()

@@ -125,3 +125,17 @@ def test_sigterm_leaves_the_running_job_to_the_queue(tmp_path, sample_repo):
     assert stage_state("validate-1") == ["interrupted", "done"]
     branches = [b for b in git_out(sample_repo, "branch").split() if b.startswith("codeloop/")]
     assert len(branches) == 1
+
+
+def test_web_exits_with_an_error_when_its_port_is_taken(tmp_path):
+    settings = make_settings(tmp_path / "home")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = cli_env(settings)
+        env.update(CODELOOP_WEB__PORT=str(taken.getsockname()[1]), CODELOOP_OPS__LOG_FORMAT="text")
+        done = subprocess.run([sys.executable, "-m", "bot.cli", "web"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "address already in use" in done.stderr.lower()
+    assert "web stopped; shutting the process down" in done.stderr

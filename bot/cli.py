@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -67,6 +68,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if state in ("queued", "running"):
         _print(f"job {sub.job_id}: {info.repo}")
         outcome = execute(runtime, sub.job_id)
+        while outcome.state == "deferred":  # the model server is down: wait here, then resume
+            _print(f"job {sub.job_id}: retrying in {outcome.retry_in:.0f} s (Ctrl-C leaves it "
+                   "queued for a `codeloop worker`)")
+            time.sleep(outcome.retry_in)
+            outcome = execute(runtime, sub.job_id)
         if outcome.state == "skipped":
             _print(f"job {sub.job_id} is running in another process")
             return 1
@@ -203,6 +209,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     runtime = build_runtime(settings)
     huey = build_queue(settings, lambda: runtime)
+    _report_model_server(settings)
     # Jobs whose worker died (on this host) resume at once; others when their lease ends.
     recover(runtime, huey.codeloop_run_job)
     consumer = huey.create_consumer(
@@ -247,6 +254,49 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _report_model_server(settings: Settings) -> None:
+    """At worker start: what the model server serves, and a warning if our model is not there.
+
+    Not fatal: the server may come up after the worker (jobs wait for it on the queue).
+    """
+    if settings.backend.kind != "openai":
+        _print(f"worker: embedded model {settings.backend.model} (loaded on the first job)")
+        return
+    from inference.backends.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend(settings.backend.model_copy(update={"max_retries": 0}))
+    try:
+        served = backend.list_models()
+    except Exception as exc:  # noqa: BLE001 - reported, and jobs wait on the queue
+        _print(f"worker: warning: {exc}; jobs wait on the queue until it answers")
+        return
+    finally:
+        backend.close()
+    _print(f"worker: {backend.base_url} serves {', '.join(served) or 'nothing'}")
+    if settings.backend.model not in served:
+        _print(f"worker: warning: the configured model {settings.backend.model!r} is not served "
+               "there; set CODELOOP_BACKEND__MODEL to one of the names above")
+
+
+def cmd_slack_socket(args: argparse.Namespace, settings: Settings) -> int:
+    """`codeloop slack socket`: Slack events over Socket Mode; `codeloop worker` handles them."""
+    from bot.runtime import build_queue, build_runtime
+    from bot.slack.app import SlackNotConfigured, run_socket_mode
+
+    for name, value in (("APP_TOKEN", settings.slack.app_token),
+                        ("BOT_TOKEN", settings.slack.bot_token)):
+        if value is None:
+            return _fail(f"CODELOOP_SLACK__{name} is not set (see README, Slack)")
+    runtime = build_runtime(settings)
+    huey = build_queue(settings, lambda: runtime)
+    try:
+        _print("connecting to Slack over Socket Mode (Ctrl-C stops)")
+        run_socket_mode(settings, runtime.store, huey.codeloop_handle_delivery)
+    except SlackNotConfigured as exc:
+        return _fail(str(exc))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from bot.demo import run_demo
 
@@ -265,6 +315,16 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
         _print("edit formats (well-formed / malformed answers):")
         for row in s.scalars(select(EditFormatStat)):
             _print(f"  {row.model:30} {row.format:15} {row.well_formed} / {row.malformed}")
+    if settings.backend.kind == "openai":
+        from bot import vllm
+
+        try:
+            load = vllm.server_load(settings.backend.base_url)
+        except vllm.VLLMError as exc:
+            _print(f"model server: {exc}")
+        else:
+            kv = "" if load.kv_cache_usage is None else f", KV cache {load.kv_cache_usage:.0%} used"
+            _print(f"model server: {load.running} running, {load.waiting} waiting{kv}")
     return 0
 
 
@@ -357,6 +417,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="bring the database schema up to date"
                    ).set_defaults(fn=cmd_migrate)
     sub.add_parser("stats", help="job states and edit-format well-formedness").set_defaults(fn=cmd_stats)
+
+    slack = sub.add_parser("slack", help="Slack: Socket Mode (no public URL needed)")
+    slack_sub = slack.add_subparsers(dest="slack_command", required=True)
+    slack_sub.add_parser(
+        "socket", help="receive events over Socket Mode (needs CODELOOP_SLACK__APP_TOKEN); "
+        "`codeloop worker` handles them"
+    ).set_defaults(fn=cmd_slack_socket)
 
     demo = sub.add_parser("demo", help="the whole loop on a sample repository, embedded model")
     demo.add_argument("--dir", default="demo", help="where the sample repository and data go")

@@ -161,11 +161,16 @@ def _owner_is_dead(owner: str | None) -> bool:
 
 
 def claim(store: Store, job_id: int, owner: str, lease_seconds: int) -> bool:
-    """Atomically take a job that is queued, or running under an expired or dead lease."""
+    """Atomically take a job that is queued, or running under an expired or dead lease.
+
+    A queued job with `lease_until` in the future was deferred (`defer`) and waits until then.
+    """
     now = utcnow()
     with store.session() as s:
         job = s.get(Job, job_id)
         if job is None or job.state not in ("queued", "running"):
+            return False
+        if job.state == "queued" and job.lease_until is not None and job.lease_until > now:
             return False
         stale = job.state == "running" and (
             (job.lease_until is not None and job.lease_until < now)
@@ -212,6 +217,25 @@ def finish(store: Store, job_id: int, owner: str, *, state: str, error: str | No
         )
 
 
+def defer(store: Store, job_id: int, owner: str, *, delay_seconds: float, note: str) -> bool:
+    """Give a running job back to the queue, not to be claimed before `delay_seconds` pass.
+
+    Its checkpointed stages stay done; the next run resumes after them.
+    """
+    with store.session() as s:
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+            .values(
+                state="queued",
+                lease_owner=None,
+                lease_until=utcnow() + timedelta(seconds=delay_seconds),
+                error=note,
+            )
+        )
+        return result.rowcount == 1
+
+
 class Heartbeat:
     """Renews a job's lease on a background thread while the job runs."""
 
@@ -249,7 +273,8 @@ def recoverable_jobs(store: Store, lease_seconds: int) -> list[int]:
     out = []
     for job_id, state, owner, until, created in rows:
         if state == "queued" and created < now - timedelta(seconds=5):
-            out.append(job_id)
+            if until is None or until < now:  # a deferred job waits for its time
+                out.append(job_id)
         elif state == "running" and ((until is not None and until < now) or _owner_is_dead(owner)):
             out.append(job_id)
     return out

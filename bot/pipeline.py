@@ -8,6 +8,8 @@ finished generation is never generated again.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +53,13 @@ class JobCancelled(Exception):
     pass
 
 
+class BackendUnavailable(Exception):
+    """The model server could not be reached (or broke mid-answer); a later run may succeed.
+
+    The job boundary puts the job back on the queue with a delay instead of failing it.
+    """
+
+
 @dataclass
 class Ports:
     settings: Settings
@@ -66,10 +75,11 @@ class Ports:
 class Stages:
     """Runs named stages once per job; a `done` row is the checkpoint a resume reads back."""
 
-    def __init__(self, store: Store, job_id: int, notifier: Notifier):
+    def __init__(self, store: Store, job_id: int, notifier: Notifier, failpoint: str | None = None):
         self.store = store
         self.job_id = job_id
         self.notifier = notifier
+        self.failpoint = failpoint
 
     def done(self, name: str) -> dict | None:
         with self.store.session() as s:
@@ -106,6 +116,7 @@ class Stages:
             s.add(row)
             s.flush()
             row_id = row.id
+        failpoint(self.failpoint, name)
         started = time.perf_counter()
         try:
             output = fn()
@@ -122,6 +133,13 @@ class Stages:
             if on_done is not None:
                 on_done(s, output)  # same transaction as the checkpoint: happens once
         return output
+
+
+def failpoint(spec: str | None, point: str) -> None:
+    """Fault injection (settings.failpoint): die here, as a crash or an OOM kill would."""
+    if spec and spec == f"kill:{point}":
+        log.warning("failpoint %s: killing this process", spec)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- helpers
@@ -205,7 +223,7 @@ def run_job(job_id: int, ports: Ports) -> dict:
             "issue": (request.reply_to or {}).get("issue"),
         }
         created_at = job.created_at
-    stages = Stages(store, job_id, ports.notifier)
+    stages = Stages(store, job_id, ports.notifier, settings.failpoint)
 
     # 1. workspace ------------------------------------------------------------
     try:
@@ -381,6 +399,8 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
     try:
         gen = backend.generate(prompt.messages, params)
     except BackendError as exc:
+        if exc.retryable:
+            raise BackendUnavailable(str(exc)) from exc
         raise JobFailed(f"the model backend failed: {exc}") from exc
     text = gen.text
     if prompt.stop and gen.finish_reason == "stop" and "```" in prompt.stop:
@@ -479,6 +499,7 @@ def _publish(
     else:
         branch = ws["branch"]
     forge.push_branch(info, workdir, branch)
+    failpoint(ports.settings.failpoint, "publish:pushed")
 
     with store.session() as s:
         if kind == "create":
@@ -519,6 +540,7 @@ def _publish(
                 info, branch=branch, base=pr.base_branch, title=pr.title, body=body, pr_id=pr.id
             )
             pr.number, pr.url = opened.number, opened.url
+            failpoint(ports.settings.failpoint, "publish:opened")  # the forge has it; we don't
         pr.body = body
         pr.model_version = good["model"]
         return {

@@ -28,6 +28,10 @@ class GenerationParams:
     # returned Generation.text so parsers see the whole answer.
     prefix: str = ""
     model: str | None = None  # served model or adapter name; None = the backend's default
+    # Constrained answers (vLLM `structured_outputs`): the answer is exactly one of `choice`,
+    # or matches `regex`. At most one of the two.
+    choice: tuple[str, ...] = ()
+    regex: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ from bot import deliveries, jobs, logs
 from bot.deliveries import Handler
 from bot.forges import Forge
 from bot.forges.local import LocalForge
-from bot.pipeline import JobCancelled, JobFailed, Ports, run_job
+from bot.pipeline import BackendUnavailable, JobCancelled, JobFailed, Ports, run_job
 from bot.ports import Backend, Notifier
 from bot.settings import Settings
 from bot.store.db import Store
+from bot.store.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ class Runtime:
     backend: LazyBackend
     # source ("github", "slack") → handler of a stored delivery (bot.deliveries)
     delivery_handlers: dict[str, Handler] = field(default_factory=dict)
+    # Puts a job on the queue; set by build_queue (without a queue, the recovery sweep runs it).
+    enqueue_job: Callable[[int], object] | None = None
+
+    def enqueue(self, job_id: int) -> None:
+        if self.enqueue_job is not None:
+            self.enqueue_job(job_id)
 
     def close(self) -> None:
         self.store.close()
@@ -127,17 +134,50 @@ def build_runtime(
         backend=lazy,
         notifier=notifier or RoutingNotifier(store, by_source, default=LogNotifier()),
     )
-    return Runtime(
+    runtime = Runtime(
         settings=settings, store=store, ports=ports, backend=lazy, delivery_handlers=handlers
     )
+    if settings.slack.bot_token is not None:
+        from bot.slack.app import web_client
+        from bot.slack.handler import SlackHandler
+        from bot.slack.notifier import SlackNotifier
+
+        slack = web_client(settings)
+        by_source["slack"] = SlackNotifier(store, slack,
+                                           interval=settings.slack.update_interval_seconds)
+        handlers["slack"] = SlackHandler(settings, store, slack, ports.forge, runtime.enqueue)
+    return runtime
 
 
 @dataclass(frozen=True)
 class Outcome:
     job_id: int
-    state: str  # succeeded | failed | cancelled | skipped
+    state: str  # succeeded | failed | cancelled | skipped | deferred
     result: dict
     error: str | None = None
+    retry_in: float | None = None  # deferred: seconds until the job may run again
+
+
+def backend_wait(settings: Settings, runs: int) -> float:
+    """Delay before run `runs + 1` of a job waiting for the model server: doubling, capped."""
+    return min(settings.queue.backend_wait_seconds * 2 ** max(0, runs - 1), 600.0)
+
+
+def _defer_or_fail(runtime: Runtime, job_id: int, owner: str, exc: BackendUnavailable) -> Outcome:
+    settings, store, notifier = runtime.settings, runtime.store, runtime.ports.notifier
+    with store.session() as s:
+        runs = s.get(Job, job_id).runs
+    if runs >= settings.queue.max_runs:
+        message = f"the model server stayed unavailable after {runs} tries: {exc}"
+        jobs.finish(store, job_id, owner, state="failed", error=message, result={})
+        notifier.finished(job_id, message, ok=False)
+        return Outcome(job_id, "failed", {}, message)
+    delay = backend_wait(settings, runs)
+    note = f"waiting for the model server ({exc}); try {runs + 1} of {settings.queue.max_runs} in {delay:.0f} s"
+    log.warning("job %s: %s", job_id, note)
+    jobs.defer(store, job_id, owner, delay_seconds=delay, note=note)
+    notifier.stage(job_id, "waiting", note)
+    return Outcome(job_id, "deferred", {}, note, retry_in=delay)
 
 
 def execute(runtime: Runtime, job_id: int, owner: str | None = None) -> Outcome:
@@ -179,6 +219,8 @@ def _execute(runtime: Runtime, job_id: int, owner: str | None) -> Outcome:
         except JobCancelled:
             notifier.finished(job_id, "cancelled", ok=False)
             return Outcome(job_id, "cancelled", {}, "cancelled")
+        except BackendUnavailable as exc:
+            return _defer_or_fail(runtime, job_id, owner, exc)
         except JobFailed as exc:
             jobs.finish(store, job_id, owner, state="failed", error=str(exc), result={})
             notifier.finished(job_id, str(exc), ok=False)
@@ -216,11 +258,15 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
         with lock:
             if "runtime" not in state:
                 state["runtime"] = runtime_factory()
+                state["runtime"].enqueue_job = run_job_task
             return state["runtime"]
 
     @huey.task(name="codeloop.run_job")
     def run_job_task(job_id: int) -> str:
-        return execute(runtime(), job_id).state
+        outcome = execute(runtime(), job_id)
+        if outcome.state == "deferred":
+            run_job_task.schedule(args=(job_id,), delay=outcome.retry_in)
+        return outcome.state
 
     @huey.task(name="codeloop.handle_delivery")
     def handle_delivery_task(delivery_pk: int) -> str:

@@ -43,6 +43,18 @@ class QueueSettings(BaseModel):
         description="How long a job's claim lasts without a heartbeat before another worker may "
         "resume it (a worker killed mid-job is resumed after this).",
     )
+    backend_wait_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="When the model server is unreachable, a job goes back to the queue and is "
+        "retried after this delay (doubled on each try, at most 10 minutes).",
+    )
+    max_runs: int = Field(
+        default=6,
+        ge=1,
+        description="Most times a job is started; after that, a job still waiting for the model "
+        "server fails with a message saying so.",
+    )
 
 
 class BackendSettings(BaseModel):
@@ -176,6 +188,16 @@ class SlackSettings(BaseModel):
     github_logins: dict[str, str] = Field(
         default_factory=dict, description="Slack user id → GitHub login, to mention requesters."
     )
+    update_interval_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="Least time between two edits of one progress message; faster stage "
+        "changes are coalesced into the next edit.",
+    )
+    rate_limit_retries: int = Field(
+        default=3, ge=0, description="Retries of a Web API call Slack answered `ratelimited` (429)."
+    )
+    timeout_seconds: float = Field(default=30.0, gt=0, description="Slack Web API call timeout.")
 
 
 class OpsSettings(BaseModel):
@@ -198,6 +220,12 @@ class Settings(BaseSettings):
         description="Data directory: database, queue, workspaces, index cache.",
     )
     log_level: str = Field(default="INFO", description="Logging level.")
+    failpoint: str | None = Field(
+        default=None,
+        description="Fault injection for tests: `kill:<point>` makes this process kill itself "
+        "with SIGKILL when a job reaches that point (a stage name such as `generate-1`, or "
+        "`publish:pushed`, `publish:opened`). Never set it in production.",
+    )
     store: StoreSettings = Field(default_factory=StoreSettings, description="Database.")
     queue: QueueSettings = Field(default_factory=QueueSettings, description="Job queue.")
     backend: BackendSettings = Field(default_factory=BackendSettings, description="Model backend.")

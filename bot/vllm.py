@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from dataclasses import dataclass
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,6 +241,38 @@ def unload_adapter(base_url: str, name: str, timeout: float = 60.0) -> str:
     """Unload the adapter `name`; returns vLLM's answer."""
     payload = {"lora_name": name}
     return _call("POST", base_url, "/v1/unload_lora_adapter", payload, timeout).text
+
+
+@dataclass(frozen=True)
+class ServerLoad:
+    """How busy a vLLM server is, from its Prometheus `/metrics`."""
+
+    running: int  # requests being generated now (in the running batch)
+    waiting: int  # requests queued in vLLM, not yet scheduled
+    kv_cache_usage: float | None  # 0..1 share of the KV cache in use
+
+    @property
+    def queue_depth(self) -> int:
+        return self.running + self.waiting
+
+
+def server_load(base_url: str, timeout: float = 10.0) -> ServerLoad:
+    """Read vLLM's `/metrics` (summed over its engines/models)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = _call("GET", base_url, "/metrics", None, timeout).text
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    if "vllm:num_requests_running" not in totals:
+        raise VLLMError(f"{server_root(base_url)}/metrics has no vLLM request gauges: is it vLLM?")
+    kv = totals.get("vllm:kv_cache_usage_perc")
+    return ServerLoad(
+        running=int(totals.get("vllm:num_requests_running", 0)),
+        waiting=int(totals.get("vllm:num_requests_waiting", 0)),
+        kv_cache_usage=None if kv is None else kv,
+    )
 
 
 # ---------------------------------------------------------------------- helpers

@@ -52,6 +52,10 @@ def default_features(settings: Settings) -> list[Feature]:
     from bot import dashboard, metrics
 
     features: list[Feature] = [metrics.routes]
+    if settings.slack.signing_secret is not None and settings.slack.bot_token is not None:
+        from bot.slack.app import routes as slack_routes
+
+        features.append(slack_routes)
     if settings.web.dashboard_token is not None:  # no token: no dashboard
         features.append(dashboard.routes)
     return features

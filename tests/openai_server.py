@@ -133,11 +133,21 @@ def _parse(body: dict) -> tuple[list[Message], GenerationParams, bool, bool]:
         stop = (stop,)
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
     temperature = body.get("temperature")
+    structured = body.get("structured_outputs") or {}
+    if not isinstance(structured, dict):
+        raise _BadRequest("`structured_outputs` must be an object")
+    if any(k.startswith("guided_") for k in body):
+        raise _BadRequest("guided_* fields were removed from vLLM; use structured_outputs")
+    choice = structured.get("choice") or ()
+    if choice and (not isinstance(choice, list) or not all(isinstance(c, str) for c in choice)):
+        raise _BadRequest("structured_outputs.choice must be a list of strings")
     params = GenerationParams(
         max_tokens=int(max_tokens),
         temperature=1.0 if temperature is None else float(temperature),  # vLLM's default
         stop=tuple(stop),
         prefix=prefix,
+        choice=tuple(choice),
+        regex=structured.get("regex"),
     )
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return messages, params, stream, include_usage
@@ -391,16 +401,17 @@ def serve_openai(
     served_name: str,
     faults: Faults | None = None,
     context_tokens: int | None = None,
+    port: int = 0,
 ) -> Iterator[str]:
-    """Serve `backend` on 127.0.0.1 (a free port) in a background thread; yield the base URL
-    (ending in /v1). `context_tokens` defaults to the backend's `context_tokens` attribute."""
+    """Serve `backend` on 127.0.0.1 (`port`, or a free one) in a background thread; yield the
+    base URL (ending in /v1). `context_tokens` defaults to the backend's `context_tokens`."""
     faults = faults if faults is not None else Faults()
     if context_tokens is None:
         context_tokens = getattr(backend, "context_tokens", None)
     app = build_app(backend, served_name=served_name, faults=faults, context_tokens=context_tokens)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.ports import ContextTooLong, GenerationParams, Message
+from bot.ports import BackendError, ContextTooLong, GenerationParams, Message
 from inference.backends.embedded import EMBEDDED_MODEL_NAME, ensure_converted, is_converted
 from inference.backends.transformers_backend import TransformersBackend
 from tests.conftest import model_cache_dir
@@ -70,3 +70,17 @@ def test_peft_adapter_loads_and_changes_the_answer(embedded_model_dir, embedded_
     assert with_adapter.model == "adapter-v1"
     assert with_adapter.completion_tokens > 0
     assert with_adapter.text != without.text  # the adapter's (random) weights are in use
+
+
+CAPITAL = [Message("user", "What is the capital city of France? Answer with the city name.")]
+OPTIONS = ["Banana", "Paris", "Seventeen"]
+
+
+def test_a_constrained_choice_is_always_one_of_the_options(embedded_backend):
+    from inference.structured import choose
+
+    assert choose(embedded_backend, CAPITAL, OPTIONS) == "Paris"
+    gen = embedded_backend.generate(CAPITAL, GenerationParams(max_tokens=8, choice=("no", "yes")))
+    assert gen.text in ("no", "yes")
+    with pytest.raises(BackendError, match="choices only"):
+        embedded_backend.generate(CAPITAL, GenerationParams(max_tokens=8, regex="[0-9]+"))

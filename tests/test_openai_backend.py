@@ -300,3 +300,14 @@ def test_count_tokens():
     settings = BackendSettings(kind="openai")
     assert OpenAIBackend(settings).count_tokens("x" * 300) == 100
     assert OpenAIBackend(settings, tokenizer_counter=lambda t: 7).count_tokens("anything") == 7
+
+
+def test_a_choice_goes_to_the_server_as_structured_outputs(server, faults):
+    from inference.structured import choose
+
+    capital = [Message("user", "What is the capital city of France? Answer with the city name.")]
+    with make_backend(server) as backend:
+        assert choose(backend, capital, ["Banana", "Paris", "Seventeen"]) == "Paris"
+    body = faults.bodies[-1]
+    assert body["structured_outputs"] == {"choice": ["Banana", "Paris", "Seventeen"]}
+    assert not any(key.startswith("guided_") for key in body)

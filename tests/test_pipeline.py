@@ -185,7 +185,7 @@ def test_oversized_requirement_is_truncated_with_a_note(sqlite_settings, sample_
 def test_backend_unreachable_fails_clearly(tmp_path, sample_repo):
     import socket
 
-    from bot.settings import BackendSettings
+    from bot.settings import BackendSettings, QueueSettings
     from tests.conftest import make_settings
 
     with socket.socket() as sock:  # a port with nothing listening
@@ -194,9 +194,11 @@ def test_backend_unreachable_fails_clearly(tmp_path, sample_repo):
     settings = make_settings(
         tmp_path / "home",
         backend=BackendSettings(kind="openai", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1),
+        queue=QueueSettings(max_runs=1),
     )
     runtime = build_runtime(settings)
     outcome = execute(runtime, submit(runtime, sample_repo).job_id)
     assert outcome.state == "failed"
+    assert "stayed unavailable after 1 tries" in outcome.error
     assert f"127.0.0.1:{port}" in outcome.error
     assert [b for b in branches(sample_repo) if b.startswith("codeloop/")] == []

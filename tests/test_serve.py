@@ -22,7 +22,26 @@ from tests.conftest import cli_env, git_out, make_settings
 from tests.fakes import ScriptedBackend
 from tests.openai_server import Faults, serve_openai
 from tests.test_pipeline import GOOD
-from tests.test_worker_kill import SLOW_TESTS, wait_for
+
+SLOW_TESTS = '''import time
+
+from textutil import shout
+
+
+def test_shout():
+    time.sleep(4)  # long enough to stop the process while it validates
+    assert shout("hi") == "HI!"
+'''
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class StreamingScripted(ScriptedBackend):

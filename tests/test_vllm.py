@@ -9,6 +9,7 @@ module; the test that kills it runs last.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -109,6 +110,104 @@ def test_generation_through_the_openai_backend(vllm_server):
         # A prefix is continued (vLLM's continue_final_message).
         prefixed = backend.generate(ASK, GenerationParams(max_tokens=24, prefix="```python\ndef "))
         assert prefixed.text.startswith("```python\ndef ") and len(prefixed.text) > 16
+
+
+def test_structured_outputs_constrain_the_answer(vllm_server):
+    from inference.structured import choose
+
+    capital = [Message("user", "What is the capital city of France? Answer with the city name.")]
+    with backend_for(vllm_server) as backend:
+        assert choose(backend, capital, ["Banana", "Paris", "Seventeen"]) == "Paris"
+        digits = backend.generate(
+            [Message("user", "Give me a number.")],
+            GenerationParams(max_tokens=8, regex=r"[0-9]{3}"),
+        )
+        assert re.fullmatch(r"[0-9]{3}", digits.text), digits.text
+
+
+def test_server_load_is_read_from_vllm_metrics(vllm_server):
+    """Queue depth while four long answers are in flight, then idle again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert vllm.server_load(vllm_server.base_url).queue_depth == 0
+    story = [Message("user", "Write a long story about a lighthouse keeper.")]
+    with backend_for(vllm_server) as backend, ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(backend.generate, story, GenerationParams(max_tokens=200))
+                   for _ in range(4)]
+        seen = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(a.done() for a in answers):
+            seen = max(seen, vllm.server_load(vllm_server.base_url).queue_depth)
+            if seen >= 2:
+                break
+            time.sleep(0.05)
+        for answer in answers:
+            answer.result()
+    assert seen >= 2  # several requests in vLLM at once (running or waiting)
+    idle = vllm.server_load(vllm_server.base_url)
+    assert idle.queue_depth == 0
+    assert idle.kv_cache_usage is not None and 0 <= idle.kv_cache_usage <= 1
+
+
+def test_a_worker_keeps_several_jobs_in_flight_against_vllm(vllm_server, tmp_path):
+    """`codeloop worker` with 3 workers: three jobs generate at the same time, and its start
+    line names what the server serves."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import select
+
+    from bot.demo import make_sample_repo
+    from bot.store.db import Store
+    from bot.store.models import Job, JobStage
+    from tests.conftest import cli_env
+
+    backend = BackendSettings(
+        kind="openai", base_url=vllm_server.base_url, model=SERVED, max_new_tokens=160,
+    )
+    settings = make_settings(tmp_path / "home", backend=backend)
+    env = cli_env(settings)
+    env.update(CODELOOP_BACKEND__KIND="openai", CODELOOP_BACKEND__BASE_URL=vllm_server.base_url,
+               CODELOOP_BACKEND__MODEL=SERVED, CODELOOP_QUEUE__WORKERS="3")
+    words = ["vowels", "spaces", "digits"]
+    for word in words:
+        repo = make_sample_repo(tmp_path / f"repo-{word}")
+        queued = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "run", "--queue", "--repo", str(repo),
+             f"Add a function count_{word}(text) to textutil.py that returns how many {word} "
+             "the text contains."],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert queued.returncode == 0, queued.stderr
+    store = Store(settings.database_url)
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                with store.session() as s:
+                    states = list(s.scalars(select(Job.state)))
+                if all(state in ("succeeded", "failed") for state in states):
+                    break
+                time.sleep(0.5)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+    out = log_path.read_text()
+    assert f"serves {SERVED}" in out, out
+    with store.session() as s:
+        assert [j.state for j in s.scalars(select(Job))] == ["succeeded"] * 3, out
+        gens = s.scalars(select(JobStage).where(JobStage.name == "generate-1")).all()
+    assert len(gens) == 3
+    # Every pair of first generations overlapped in time: one did not wait for another.
+    for a in gens:
+        for b in gens:
+            if a.id < b.id:
+                assert a.started_at < b.finished_at and b.started_at < a.finished_at, (
+                    [(g.job_id, g.started_at, g.finished_at) for g in gens])
+    store.close()
 
 
 def test_pipeline_makes_a_pull_request_through_vllm(vllm_server, tmp_path, sample_repo):

@@ -233,3 +233,43 @@ class MergedChange(Base):
     pull_request_id: Mapped[int | None] = mapped_column(ForeignKey("pull_requests.id"))
     merged_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# ---------------------------------------------------------------- Slack (bot/slack)
+
+
+class SlackChannelLink(Base):
+    """A Slack channel mapped to a repository: messages there become requests for it."""
+
+    __tablename__ = "slack_channel_links"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel_id: Mapped[str] = mapped_column(String(50), unique=True)
+    repo: Mapped[str] = mapped_column(String(500))
+    linked_by: Mapped[str] = mapped_column(String(50))  # Slack user id of the admin
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SlackThread(Base):
+    """The Slack thread a request lives in: follow-ups there revise its pull request."""
+
+    __tablename__ = "slack_threads"
+    __table_args__ = (UniqueConstraint("channel_id", "thread_ts"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel_id: Mapped[str] = mapped_column(String(50))
+    thread_ts: Mapped[str] = mapped_column(String(50))
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id"), unique=True)
+    user_id: Mapped[str] = mapped_column(String(50))  # the Slack user who asked
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SlackJobMessage(Base):
+    """The one progress message of a job, edited in place (chat.update) as stages pass."""
+
+    __tablename__ = "slack_job_messages"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    channel_id: Mapped[str] = mapped_column(String(50))
+    ts: Mapped[str] = mapped_column(String(50))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

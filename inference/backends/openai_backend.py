@@ -159,9 +159,16 @@ class OpenAIBackend:
         }
         if params.stop:
             kwargs["stop"] = list(params.stop)
+        extra: dict = {}
+        if params.choice and params.regex:
+            raise BackendError("ask for a choice or a regex, not both")
+        if params.choice:  # vLLM's structured outputs; the removed guided_* fields are ignored
+            extra["structured_outputs"] = {"choice": list(params.choice)}
+        elif params.regex:
+            extra["structured_outputs"] = {"regex": params.regex}
         if params.prefix and self.settings.supports_prefill:
             chat.append({"role": "assistant", "content": params.prefix})
-            kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+            extra.update(continue_final_message=True, add_generation_prompt=False)
         elif params.prefix:
             ask = f"Start your answer with:\n{params.prefix}"
             if chat and chat[-1]["role"] == "user":
@@ -169,6 +176,8 @@ class OpenAIBackend:
             else:
                 chat.append({"role": "user", "content": ask})
         kwargs["messages"] = chat
+        if extra:
+            kwargs["extra_body"] = extra
         return kwargs
 
     def _run(self, messages: list[Message], params: GenerationParams, stats: dict) -> Iterator[str]:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bot.ports import ContextTooLong, Generation, GenerationParams, Message
+from bot.ports import BackendError, ContextTooLong, Generation, GenerationParams, Message
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,51 @@ class TransformersBackend:
         for piece in self._run(messages, params, stats={}):
             yield piece
 
+    def _choose(self, prompt: str, options: tuple[str, ...], stats: dict) -> str:
+        """The option the model finds most likely (sum of token log-probabilities).
+
+        A constrained choice, as vLLM's `structured_outputs.choice` gives: the answer is
+        always exactly one of the options.
+        """
+        import torch
+
+        base = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        best, best_score = options[0], float("-inf")
+        with self._lock, torch.inference_mode():
+            for option in options:
+                ids = self.tokenizer(prompt + option, add_special_tokens=False)["input_ids"]
+                if len(ids) > self.context_tokens:
+                    raise ContextTooLong(
+                        f"the prompt and the option have {len(ids)} tokens; the model's context "
+                        f"is {self.context_tokens} tokens"
+                    )
+                start = len(base)
+                while start > 0 and ids[:start] != base[:start]:  # merges at the boundary
+                    start -= 1
+                logits = self.model(torch.tensor([ids])).logits[0, :-1].float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                target = torch.tensor(ids[1:])
+                picked = logprobs[torch.arange(len(ids) - 1), target][start - 1 :]
+                score = float(picked.sum())
+                if score > best_score:
+                    best, best_score = option, score
+        stats.update(prompt_tokens=len(base), completion_tokens=len(
+            self.tokenizer(best, add_special_tokens=False)["input_ids"]), finish_reason="stop")
+        return best
+
     def _run(self, messages: list[Message], params: GenerationParams, stats: dict) -> Iterator[str]:
         import torch
         from transformers import TextIteratorStreamer
 
         prompt = self._prompt(messages, params.prefix)
+        if params.regex:
+            raise BackendError(
+                "regex-constrained answers need an OpenAI-compatible server with structured "
+                "outputs (vLLM); the embedded backend supports choices only"
+            )
+        if params.choice:
+            yield self._choose(prompt, params.choice, stats)
+            return
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         room = self.context_tokens - prompt_tokens

@@ -1,0 +1,177 @@
+"""What codeloop says in Slack, decided apart from sending it (design rule 4).
+
+Each function takes plain values and returns `Reply(text, blocks)`; the notifier and the
+handler send them. `text` is the notification/fallback text, `blocks` the rich layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
+
+_STAGE_LABELS = {
+    "workspace": "reading the repository",
+    "context": "finding the files that matter",
+    "prompt": "writing the prompt",
+    "publish": "opening the pull request",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    blocks: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StageLine:
+    label: str
+    seconds: float | None  # None: running now
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the progress message shows it (read from the store by the notifier)."""
+
+    job_id: int
+    request_id: int
+    repo: str
+    kind: str  # create | revise
+    state: str
+    started: datetime
+    now: datetime
+    stages: tuple[StageLine, ...] = ()
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def stage_label(name: str) -> str:
+    base, _, attempt = name.partition("-")
+    if base == "generate" and attempt:
+        return f"generating (attempt {attempt})"
+    if base == "validate" and attempt:
+        return f"validating (attempt {attempt})"
+    return _STAGE_LABELS.get(name, name)
+
+
+def elapsed(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def repo_name(repo: str) -> str:
+    return repo
+
+
+def _section(text: str) -> dict:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}}
+
+
+def _button(action_id: str, label: str, job_id: int, style: str | None = None) -> dict:
+    button = {"type": "button", "action_id": action_id, "value": str(job_id),
+              "text": {"type": "plain_text", "text": label}}
+    if style:
+        button["style"] = style
+    return button
+
+
+def queued(request_id: int, repo: str, truncated_to: int | None = None) -> Reply:
+    text = f"Queued as #{request_id} for {repo_name(repo)}"
+    if truncated_to:
+        text += f" (the requirement was over {truncated_to:,} bytes and was truncated)"
+    return Reply(text)
+
+
+def progress(view: JobView) -> Reply:
+    took = elapsed((view.now - view.started).total_seconds())
+    what = "Revising the pull request" if view.kind == "revise" else "Working on it"
+    head = f":hourglass_flowing_sand: *#{view.request_id}* {what} — {repo_name(view.repo)} ({took})"
+    lines = []
+    for st in view.stages:
+        if st.seconds is None:
+            lines.append(f"› {st.label}…")
+        else:
+            lines.append(f"✓ {st.label} ({st.seconds:.1f}s)")
+    body = head + ("\n" + "\n".join(lines) if lines else "")
+    current = next((s.label for s in reversed(view.stages) if s.seconds is None), "queued")
+    return Reply(
+        text=f"#{view.request_id}: {current} ({took})",
+        blocks=[_section(body), {"type": "actions", "block_id": "codeloop",
+                                 "elements": [_button(CANCEL_ACTION, "Cancel", view.job_id,
+                                                      "danger")]}],
+    )
+
+
+def _pr_link(result: dict) -> str:
+    number, url = result.get("number"), result.get("url") or ""
+    if url.startswith(("http://", "https://")):
+        return f"<{url}|pull request #{number}>"
+    return f"pull request #{number} (branch `{result.get('branch', '')}`)"
+
+
+def succeeded(view: JobView) -> Reply:
+    r = view.result
+    took = elapsed((view.now - view.started).total_seconds())
+    validation = r.get("validation") or {}
+    verdict = "passed" if validation.get("ok") else "failed"
+    if view.kind == "revise":
+        head = (f":white_check_mark: *#{view.request_id}* Pushed revision {r.get('revision')} to "
+                f"{_pr_link(r)} ({took})")
+    else:
+        head = f":white_check_mark: *#{view.request_id}* Opened {_pr_link(r)} ({took})"
+    stat = (r.get("diff_stat") or "").strip()
+    body = head + (f"\n```{stat}```" if stat else "") + \
+        f"\nValidation: *{verdict}* — {validation.get('summary', 'no checks')}"
+    text = f"#{view.request_id}: {_pr_link(r)}, validation {verdict}"
+    return Reply(text=text, blocks=[_section(body)])
+
+
+def failed(view: JobView) -> Reply:
+    took = elapsed((view.now - view.started).total_seconds())
+    reason = plain_reason(view.error or "the job failed")
+    body = f":x: *#{view.request_id}* I could not finish this ({took}): {reason}"
+    return Reply(
+        text=f"#{view.request_id} failed: {reason}",
+        blocks=[_section(body), {"type": "actions", "block_id": "codeloop",
+                                 "elements": [_button(RETRY_ACTION, "Retry", view.job_id,
+                                                      "primary")]}],
+    )
+
+
+def cancelled(view: JobView) -> Reply:
+    took = elapsed((view.now - view.started).total_seconds())
+    text = f":no_entry_sign: *#{view.request_id}* Cancelled after {took}; nothing was pushed."
+    return Reply(text=text.replace("*", ""), blocks=[_section(text)])
+
+
+def plain_reason(error: str, limit: int = 600) -> str:
+    """A failure in words: the first lines, no tracebacks, bounded."""
+    text = error.strip()
+    if "Traceback (most recent call last)" in text:
+        text = text.split("Traceback (most recent call last)")[0].strip() or "an internal error"
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def revising(pr_number: int | None, job_id: int) -> Reply:
+    return Reply(f"Revising pull request #{pr_number} with your follow-up (job {job_id}): "
+                 "one new commit on the same branch.")
+
+
+def not_linked() -> Reply:
+    return Reply(
+        "This channel is not linked to a repository, so I don't know where the change goes. "
+        "Mention me with `repo=owner/name` (for example `@codeloop add a --verbose flag "
+        "repo=acme/api`), or ask a codeloop admin to run `/codeloop link owner/name` here."
+    )
+
+
+HELP = (
+    "*codeloop* turns requirements into pull requests.\n"
+    "• Write a message in a channel linked to a repository, mention me "
+    "(`@codeloop <requirement> repo=owner/name`), or run `/codeloop <requirement>`.\n"
+    "• Reply in the thread to revise the same pull request.\n"
+    "Admins: `/codeloop link owner/name`, `/codeloop unlink`, `/codeloop status`, "
+    "`/codeloop retrain now`, `/codeloop schedule <cron>` / `/codeloop schedule off`."
+)

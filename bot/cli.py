@@ -369,6 +369,15 @@ def cmd_vllm(args: argparse.Namespace, settings: Settings) -> int:
         vllm.stop(proc)
 
 
+def cmd_github_check(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.github.check import check
+
+    ok, lines = check(settings, args.repo)
+    for line in lines:
+        _print(line)
+    return 0 if ok else 2
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -428,6 +437,12 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole loop on a sample repository, embedded model")
     demo.add_argument("--dir", default="demo", help="where the sample repository and data go")
     demo.set_defaults(fn=cmd_demo)
+
+    github = sub.add_parser("github", help="GitHub App set-up")
+    github_sub = github.add_subparsers(dest="github_command", required=True)
+    gcheck = github_sub.add_parser("check", help="check credentials, access and .codeloop.yml")
+    gcheck.add_argument("repo", help="owner/name")
+    gcheck.set_defaults(fn=cmd_github_check)
 
     vllm = sub.add_parser("vllm", help="vLLM's OpenAI-compatible server on this machine")
     vllm_sub = vllm.add_subparsers(dest="vllm_command", required=True)

@@ -253,9 +253,9 @@ def check_github_access(settings: Settings, timeout: float = 5.0) -> Check:
         if short:
             return Check("github app", "fail", f"the App lacks permissions ({', '.join(short)}) — "
                          "grant them in the App's settings (deploy/github-app-manifest.yml)")
-        from bot.github_events import GITHUB_EVENTS
+        from bot.github.events import EVENTS
 
-        missing = sorted(set(GITHUB_EVENTS) - set(app.events or []))
+        missing = sorted(set(EVENTS) - set(app.events or []))
         if missing:
             return Check("github app", "fail", f"the App is not subscribed to {', '.join(missing)} "
                          "— tick these events in the App's settings")

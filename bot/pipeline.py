@@ -39,7 +39,13 @@ from bot.store.models import (
 )
 from bot.validate import validate
 from inference import context as ctx
-from inference.edits import EditRejected, apply_edits, default_format_for, describe_format, parse_edits
+from inference.edits import (
+    EditRejected,
+    apply_edits,
+    default_format_for,
+    describe_format,
+    parse_edits,
+)
 from inference.prompts import ContextDoc, Prompt, build_prompt
 
 log = logging.getLogger(__name__)
@@ -338,11 +344,15 @@ def run_job(job_id: int, ports: Ports) -> dict:
         raise JobFailed(f"no valid change after {attempt} attempt(s): {last_reason}")
 
     # 7. forge: commit, push, pull request ---------------------------------------
-    published = stages.run(
-        "publish",
-        lambda: _publish(ports, job_id, kind, req, info, ws, workdir, good, fmt, config, created_at, pr_id),
-        "opening the pull request" if kind == "create" else "pushing the revision",
-    )
+    try:
+        published = stages.run(
+            "publish",
+            lambda: _publish(ports, job_id, kind, req, info, ws, workdir, good, fmt, config,
+                             created_at, pr_id),
+            "opening the pull request" if kind == "create" else "pushing the revision",
+        )
+    except ForgeError as exc:
+        raise JobFailed(str(exc)) from exc
     workspace.remove(settings.workspaces_dir, job_id)
     return published
 
@@ -495,7 +505,7 @@ def _publish(
     if kind == "create":
         with store.session() as s:
             pr = s.scalar(select(PullRequest).where(PullRequest.request_id == req["id"]))
-            branch = pr.branch if pr else f"codeloop/{req['id']}-{git.slugify(req['requirement'])}"
+            branch = pr.branch if pr else _new_branch(s, forge.name, info.repo, req)
     else:
         branch = ws["branch"]
     forge.push_branch(info, workdir, branch)
@@ -549,6 +559,15 @@ def _publish(
             "validation": good.get("validation", {}), "changed": good["changed"],
             "attempt": good["attempt"], "model": good["model"],
         }
+
+
+def _new_branch(s: Session, forge: str, repo: str, req: dict) -> str:
+    """`codeloop/<issue>-<slug>` (or `<request>` without an issue), unique per repository."""
+    slug = git.slugify(req["requirement"])
+    branch = f"codeloop/{req['issue'] or req['id']}-{slug}"
+    taken = s.scalar(select(PullRequest.id).where(
+        PullRequest.forge == forge, PullRequest.repo == repo, PullRequest.branch == branch))
+    return branch if taken is None else f"{branch}-r{req['id']}"
 
 
 def _merge_base(workdir: Path, base_branch: str, head: str) -> str:

@@ -127,6 +127,13 @@ def build_runtime(
     # Each chat/forge feature adds its notifier (by request source) and delivery handler here.
     by_source: dict[str, Notifier] = {}
     handlers: dict[str, Handler] = {}
+    github_clients = None
+    if forge is None and settings.forge.kind == "github":
+        from bot.forges.github import GitHubForge
+        from bot.github.auth import GitHubClients
+
+        github_clients = GitHubClients(settings.github)
+        forge = GitHubForge(github_clients, settings.home / "mirrors")
     ports = Ports(
         settings=settings,
         store=store,
@@ -146,6 +153,12 @@ def build_runtime(
         by_source["slack"] = SlackNotifier(store, slack,
                                            interval=settings.slack.update_interval_seconds)
         handlers["slack"] = SlackHandler(settings, store, slack, ports.forge, runtime.enqueue)
+
+    from bot import github
+
+    if settings.forge.kind == "github" and github.configured(settings):
+        github.install(settings, store, by_source, handlers, enqueue_job=runtime.enqueue,
+                       clients=github_clients)
     return runtime
 
 

@@ -169,6 +169,38 @@ class GitHubSettings(BaseModel):
     bot_name: str = Field(
         default="codeloop", description="Name that `@name` comments address the bot by."
     )
+    installation_id: int | None = Field(
+        default=None,
+        description="GitHub App installation id; empty: looked up per repository through the API.",
+    )
+    bot_login: str = Field(
+        default="codeloop[bot]",
+        description="Login the bot's own comments carry (its comments never trigger it).",
+    )
+    max_retries: int = Field(
+        default=6, ge=0, description="Retries of a GitHub call on 5xx and rate-limit answers."
+    )
+    retry_backoff: float = Field(
+        default=0.5, ge=0, description="Backoff factor (seconds) between retries of 5xx answers."
+    )
+    secondary_rate_wait: float = Field(
+        default=60.0, ge=0,
+        description="Seconds to wait after a secondary rate limit that names no Retry-After.",
+    )
+    seconds_between_requests: float = Field(
+        default=0.25, ge=0,
+        description="Least time between two GitHub API calls of one process (GitHub's guidance).",
+    )
+    seconds_between_writes: float = Field(
+        default=1.0, ge=0,
+        description="Least time between two content-creating GitHub calls (comments, pull "
+        "requests), as GitHub asks of integrations to avoid secondary rate limits.",
+    )
+    merged_repos: list[str] = Field(
+        default_factory=list,
+        description="owner/name of repositories whose merged pull requests (anyone's) are stored "
+        "as training material; empty: every repository the App receives events from.",
+    )
 
 
 class SlackSettings(BaseModel):

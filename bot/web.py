@@ -56,6 +56,10 @@ def default_features(settings: Settings) -> list[Feature]:
         from bot.slack.app import routes as slack_routes
 
         features.append(slack_routes)
+    if settings.github.webhook_secret is not None:
+        from bot.github import webhook
+
+        features.append(webhook.routes)
     if settings.web.dashboard_token is not None:  # no token: no dashboard
         features.append(dashboard.routes)
     return features

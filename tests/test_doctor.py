@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bot.github_events import GITHUB_EVENTS
+from bot.github.events import EVENTS
 from tests.conftest import cli_env, make_settings
 
 SLACK_TOKEN = "xoxb-1111-2222-wrongtoken"
@@ -157,7 +157,7 @@ class _AppHandler(BaseHTTPRequestHandler):
         elif self.path == "/app":
             body, status = {"id": 7, "slug": "codeloop-test", "name": "codeloop-test",
                             "permissions": self.permissions,
-                            "events": list(GITHUB_EVENTS)}, 200
+                            "events": sorted(EVENTS)}, 200
         else:
             body, status = {"message": "Not Found"}, 404
         data = json.dumps(body).encode()

@@ -21,7 +21,8 @@ from feedback.signals import SignalError, record_signal
 
 TABLES = {"requests", "jobs", "job_stages", "pull_requests", "revisions", "review_signals",
           "model_versions", "edit_format_stats", "deliveries", "merged_changes", "alembic_version",
-          "slack_channel_links", "slack_threads", "slack_job_messages"}
+          "slack_channel_links", "slack_threads", "slack_job_messages",
+          "github_status_comments", "github_review_replies"}
 ELSEWHERE_A = "other-host-a:100:boot"  # owners on another host: never presumed dead
 ELSEWHERE_B = "other-host-b:200:boot"
 OWNERS = (ELSEWHERE_A, ELSEWHERE_B)

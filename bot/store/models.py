@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -273,3 +273,36 @@ class SlackJobMessage(Base):
     channel_id: Mapped[str] = mapped_column(String(50))
     ts: Mapped[str] = mapped_column(String(50))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# ---------------------------------------------------------------- GitHub (bot/github)
+
+
+class GitHubStatusComment(Base):
+    """The one comment per job that codeloop edits in place as the job's stages pass."""
+
+    __tablename__ = "github_status_comments"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    repo: Mapped[str] = mapped_column(String(500))  # owner/name
+    number: Mapped[int]  # the issue or pull request the comment is on
+    comment_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GitHubReviewReply(Base):
+    """A review comment a revision job addresses; `reply_id` is set once codeloop answered it."""
+
+    __tablename__ = "github_review_replies"
+    __table_args__ = (UniqueConstraint("job_id", "comment_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    pull_request_id: Mapped[int] = mapped_column(ForeignKey("pull_requests.id"))
+    comment_id: Mapped[int] = mapped_column(BigInteger)  # GitHub's review comment id
+    path: Mapped[str | None] = mapped_column(String(1000))
+    line: Mapped[int | None]
+    body: Mapped[str] = mapped_column(Text)
+    author: Mapped[str | None] = mapped_column(String(200))
+    reply_id: Mapped[int | None] = mapped_column(BigInteger)
+    replied_at: Mapped[datetime | None]

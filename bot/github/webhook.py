@@ -1,0 +1,82 @@
+"""`POST /github/webhook`: verify, store once, enqueue, answer. Nothing slower runs here.
+
+The signature (`X-Hub-Signature-256`, HMAC-SHA256 of the raw body with the webhook secret)
+is checked in constant time before anything is parsed or stored. Without a configured
+secret every delivery is refused: an unauthenticated endpoint would let anyone start jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from bot import deliveries
+from bot.github.events import EVENTS
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 25 * 1024 * 1024  # GitHub caps webhook payloads at 25 MB
+
+
+def sign(secret: str | bytes, body: bytes) -> str:
+    """The `X-Hub-Signature-256` value GitHub sends for `body`."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str | None, body: bytes, signature: str | None) -> bool:
+    if not secret or not signature:
+        return False
+    return hmac.compare_digest(sign(secret, body).encode(), signature.strip().encode())
+
+
+def routes(ctx) -> list[BaseRoute]:
+    """The GitHub feature's routes (see bot.web.default_features)."""
+    secret_value = ctx.settings.github.webhook_secret
+    secret = secret_value.get_secret_value() if secret_value is not None else None
+
+    async def webhook(request: Request) -> JSONResponse:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return JSONResponse({"error": "payload too large"}, status_code=413)
+        body = await request.body()
+        if not verify(secret, body, request.headers.get("x-hub-signature-256")):
+            return JSONResponse({"error": "bad or missing X-Hub-Signature-256"}, status_code=401)
+        event = request.headers.get("x-github-event", "")
+        delivery_id = request.headers.get("x-github-delivery", "")
+        if not event or not delivery_id or len(delivery_id) > 200:
+            return JSONResponse(
+                {"error": "X-GitHub-Event and X-GitHub-Delivery are required"}, status_code=400
+            )
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return JSONResponse({"error": "the body is not JSON"}, status_code=400)
+        if not isinstance(payload, dict):
+            return JSONResponse({"error": "the body is not a JSON object"}, status_code=400)
+        if event == "ping":
+            return JSONResponse({"ok": True, "zen": payload.get("zen")})
+        if event not in EVENTS:
+            return JSONResponse({"ignored": f"codeloop does not use {event} events"})
+        action = payload.get("action")
+        name = f"{event}.{action}" if isinstance(action, str) else event
+        recorded = await run_in_threadpool(
+            deliveries.record,
+            ctx.store,
+            source="github",
+            delivery_id=delivery_id,
+            event=name[:100],
+            payload=payload,
+        )
+        if not recorded.created:
+            return JSONResponse({"delivery": recorded.id, "duplicate": True})
+        await run_in_threadpool(ctx.enqueue_delivery, recorded.id)
+        return JSONResponse({"delivery": recorded.id}, status_code=202)
+
+    return [Route("/github/webhook", webhook, methods=["POST"])]

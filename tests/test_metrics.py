@@ -4,12 +4,9 @@ the Backend port), `/readyz`, and the webhook acknowledgement timer."""
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bot import deliveries, jobs
+from bot import jobs
 from bot.runtime import build_runtime, execute
 from bot.serve import build_app
 from bot.store.db import Store
@@ -89,34 +86,42 @@ def test_readyz_says_whether_the_database_is_migrated(tmp_path):
         assert client.get("/readyz").json() == {"ready": True, "detail": "ok"}
 
 
-def test_webhook_acknowledgements_are_timed(sqlite_settings):
-    store = Store(sqlite_settings.database_url)
+def test_webhook_acknowledgements_are_timed(tmp_path):
+    """Signed deliveries through the real GitHub webhook route, timed by the middleware."""
+    import hashlib
+    import hmac
+    import json
+
+    from pydantic import SecretStr
+
+    from bot.settings import GitHubSettings
+    from tests.conftest import make_settings
+
+    secret = "webhook-secret-for-metrics"
+    settings = make_settings(tmp_path / "home",
+                             github=GitHubSettings(webhook_secret=SecretStr(secret)))
+    store = Store(settings.database_url)
     enqueued: list[int] = []
-
-    def webhook_feature(ctx):  # the shape of the GitHub edge: record, enqueue, acknowledge
-        async def hook(request: Request) -> JSONResponse:
-            body = await request.json()
-            rec = deliveries.record(ctx.store, source="github", event="ping",
-                                    delivery_id=request.headers["X-GitHub-Delivery"],
-                                    payload=body)
-            ctx.enqueue_delivery(rec.id)
-            return JSONResponse({"ok": True}, status_code=202)
-
-        return [Route("/github/webhook", hook, methods=["POST"])]
-
-    from bot.metrics import routes
-
-    ctx = WebContext(settings=sqlite_settings, store=store, enqueue_delivery=enqueued.append)
-    with TestClient(create_app(ctx, [routes, webhook_feature])) as client:
+    app = build_app(settings, store, enqueue_delivery=enqueued.append)
+    with TestClient(app) as client:
         for i in range(3):
-            answer = client.post("/github/webhook", json={"zen": "hi"},
-                                 headers={"X-GitHub-Delivery": f"d-{i}"})
+            body = json.dumps({"action": "labeled", "issue": {"number": i}}).encode()
+            signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+            answer = client.post("/github/webhook", content=body, headers={
+                "X-GitHub-Event": "issues", "X-GitHub-Delivery": f"d-{i}",
+                "X-Hub-Signature-256": signature, "Content-Type": "application/json"})
             assert answer.status_code == 202
+        refused = client.post("/github/webhook", content=b"{}", headers={
+            "X-GitHub-Event": "issues", "X-GitHub-Delivery": "forged",
+            "X-Hub-Signature-256": "sha256=00"})
+        assert refused.status_code == 401
         client.get("/healthz")
         samples = scrape(client)
     assert len(enqueued) == 3
     assert value(samples, "codeloop_webhook_ack_seconds_count", path="/github/webhook",
                  status="202") == 3
+    assert value(samples, "codeloop_webhook_ack_seconds_count", path="/github/webhook",
+                 status="401") == 1
     total = value(samples, "codeloop_webhook_ack_seconds_sum", path="/github/webhook",
                   status="202")
     assert 0 < total < 30

@@ -6,6 +6,7 @@ each page goes to test-output/dashboard/."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -192,9 +193,8 @@ def test_model_loss_chart_and_the_retraining_schedule(dashboard, browser):
     """The learning loop's parts: a training run's losses drawn on the model page, and the
     schedule changed from the browser (through training.schedule, stored for the scheduler)."""
     pytest.importorskip("training.schedule", reason="the learning loop is not in this build")
-    from training import schedule
-
     from bot.store.models import TrainingRun
+    from training import schedule
 
     url, runtime = dashboard["url"], dashboard["runtime"]
     losses = [{"step": step, "loss": round(2.5 * 0.8 ** step + 0.3, 4)} for step in range(12)]
@@ -211,7 +211,7 @@ def test_model_loss_chart_and_the_retraining_schedule(dashboard, browser):
     assert len(points) == len(losses)
     ys = [float(p.split(",")[1]) for p in points]
     assert ys[0] < ys[-1]  # the loss falls: later points sit lower (larger y) on the chart
-    assert chart.locator("circle title").first.inner_text() == "step 0: loss 2.8000"
+    assert chart.locator("circle title").first.text_content() == "step 0: loss 2.8000"
     assert "promoted" in page.locator("table#runs").inner_text()
     chart.screenshot(path=str(SHOTS / "loss-chart.png"))
     page.screenshot(path=str(SHOTS / "model-with-chart.png"), full_page=True)
@@ -241,3 +241,14 @@ def test_model_loss_chart_and_the_retraining_schedule(dashboard, browser):
 
     page.locator("tr[data-repo='acme/widgets'] button", has_text="Resume").click()
     assert schedule.show_schedules(settings)[0]["paused"] is False
+
+    # Retrain now: a manual training run is recorded (and queued for a worker with a GPU).
+    page.locator("tr[data-repo='acme/widgets'] button", has_text="Retrain now").click()
+    status = page.get_by_role("status").inner_text()
+    assert re.fullmatch(r"Training run \d+ for acme/widgets is queued\.", status), status
+    run_id = int(status.split()[2])
+    with runtime.store.session() as s:
+        run = s.get(TrainingRun, run_id)
+        assert (run.repo, run.trigger, run.requested_by) == ("acme/widgets", "manual", "dashboard")
+    assert f"#{run_id}" in page.locator("table#runs").inner_text()
+    page.screenshot(path=str(SHOTS / "schedule-retrain.png"), full_page=True)

@@ -3,6 +3,7 @@ the Backend port), `/readyz`, and the webhook acknowledgement timer."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
@@ -127,3 +128,29 @@ def test_webhook_acknowledgements_are_timed(tmp_path):
     assert 0 < total < 30
     assert not [k for k in samples if k[0].startswith("codeloop_webhook_ack")
                 and dict(k[1]).get("path") == "/healthz"]
+
+
+def test_training_runs_and_their_results(sqlite_settings):
+    models = pytest.importorskip("bot.store.models")
+    if not hasattr(models, "TrainingRun"):
+        pytest.skip("the learning loop is not in this build")
+    store = Store(sqlite_settings.database_url)
+    with store.session() as s:
+        version = models.ModelVersion(name="acme-v1", base_model="smollm2-135m-instruct",
+                                      status="active", metrics={"eval_loss": 1.5})
+        s.add(version)
+        s.flush()
+        s.add(models.TrainingRun(key="a", repo="acme/w", trigger="schedule", state="succeeded",
+                                 losses=[{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.25}],
+                                 model_version_id=version.id))
+        s.add(models.TrainingRun(key="b", repo="acme/w", trigger="manual", state="skipped",
+                                 reason="no new merged changes"))
+    app = build_app(sqlite_settings, store, enqueue_delivery=lambda pk: None)
+    with TestClient(app) as client:
+        samples = scrape(client)
+    assert value(samples, "codeloop_training_runs", state="succeeded", trigger="schedule") == 1
+    assert value(samples, "codeloop_training_runs", state="skipped", trigger="manual") == 1
+    assert value(samples, "codeloop_training_final_loss", repo="acme/w") == 1.25
+    assert value(samples, "codeloop_model_versions", status="active") == 1
+    assert value(samples, "codeloop_model_metric", model_version="acme-v1", status="active",
+                 metric="eval_loss") == 1.5

@@ -61,7 +61,10 @@ def loss_chart_svg(
                      'stroke="#eee"/>')
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" '
                      f'text-anchor="end">{_fmt(tick)}</text>')
-    for tick in _ticks(x0, x1):
+    x_ticks = _ticks(x0, x1)
+    if all(x == int(x) for x in xs):  # steps: whole numbers on the axis
+        x_ticks = sorted({round(t) for t in x_ticks})
+    for tick in x_ticks:
         x = px(tick)
         parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" font-size="11" '
                      f'text-anchor="middle">{_fmt(tick)}</text>')

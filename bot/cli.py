@@ -378,6 +378,115 @@ def cmd_github_check(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if ok else 2
 
 
+# ---------------------------------------------------------------- learning loop (training/)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.db import Store
+    from training import registry
+
+    store = Store(settings.database_url)
+    if getattr(args, "models_command", None) == "show":
+        version = registry.get_version(store, args.number)
+        if version is None:
+            return _fail(f"no model version {args.number} (see `codeloop models`)")
+        _print(registry.format_version(version, registry.version_rates(store)))
+        return 0
+    versions = registry.list_versions(store)
+    if not versions:
+        _print("no model versions yet: the base model serves. Training makes candidates "
+               "(`codeloop train --repo PATH` or a schedule).")
+        return 0
+    rates = registry.version_rates(store)
+    _print(f"{'#':>4}  {'status':10} {'name':34} {'gate':8} {'PRs':>4} {'approved':>8} {'merged':>7}")
+    for v in versions:
+        gate = (v["metrics"].get("gate") or {}).get("decision", "-")
+        r = rates.get(v["name"], {})
+        _print(f"{v['id']:>4}  {v['status']:10} {v['name']:34} {gate:8} "
+               f"{r.get('pull_requests', 0):>4} {r.get('approval_rate', 0):>8.0%} "
+               f"{r.get('merge_rate', 0):>7.0%}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.db import Store
+    from training import registry
+
+    store = Store(settings.database_url)
+    try:
+        out = registry.promote(settings, store, args.number, actor=_user())
+    except (registry.RegistryError, RuntimeError) as exc:
+        return _fail(str(exc))
+    prev = f"; version {out['previous_id']} stays loaded for `codeloop rollback`" if out["previous_id"] else ""
+    _print(f"version {args.number} ({out['version']}) is active: {out['serving']}{prev}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.db import Store
+    from training import registry
+
+    store = Store(settings.database_url)
+    try:
+        out = registry.rollback(settings, store, actor=_user())
+    except registry.RegistryError as exc:
+        return _fail(str(exc))
+    _print(f"rolled back {out['rolled_back']}; now serving {out['now_serving']}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace, settings: Settings) -> int:
+    from training import schedule
+
+    try:
+        if args.schedule_command == "set":
+            _print(schedule.set_schedule(settings, _repo_key(args.repo), args.cron))
+        elif args.schedule_command == "pause":
+            schedule.pause_schedule(settings, _repo_key(args.repo))
+            _print(f"paused retraining of {_repo_key(args.repo)}")
+        elif args.schedule_command == "resume":
+            schedule.resume_schedule(settings, _repo_key(args.repo))
+            _print(f"resumed retraining of {_repo_key(args.repo)}")
+        else:
+            rows = schedule.show_schedules(settings)
+            if not rows:
+                _print("no schedules yet: `codeloop schedule set \"0 3 * * 0\" --repo PATH`")
+            for row in rows:
+                _print(f"{row['repo']}: {row['description']}")
+    except ValueError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Train now, in this process (the queue's worker runs scheduled runs)."""
+    from bot.store.db import Store
+    from training import registry, schedule
+
+    store = Store(settings.database_url)
+    repo = _repo_key(args.repo)
+    run_id = schedule.retrain_now(settings, store, repo, _user() or "cli",
+                                  enqueue=None if args.queue else (lambda _id: None))
+    if args.queue:
+        _print(f"training run {run_id} queued; a `codeloop worker` runs it")
+        return 0
+    run = schedule.run_training(settings, store, run_id, max_steps=args.max_steps)
+    _print(f"training run {run_id}: {run['state']} — {run['reason']}")
+    if run["model_version_id"]:
+        _print(registry.format_version(registry.get_version(store, run["model_version_id"])))
+    return 0 if run["state"] in ("succeeded", "skipped") else 1
+
+
+def _repo_key(repo: str) -> str:
+    """A local path is stored as its absolute top level; owner/name stays as it is."""
+    path = Path(repo).expanduser()
+    if path.exists():
+        from bot import git
+
+        return str(git.toplevel(path)) if git.is_repository(path) else str(path.resolve())
+    return repo
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -455,6 +564,34 @@ def parser() -> argparse.ArgumentParser:
     vserve.add_argument("--install", action="store_true", help="create the vLLM environment first")
     vserve.add_argument("--timeout", type=float, default=900, help="seconds to wait for health")
     vserve.set_defaults(fn=cmd_vllm)
+
+    models = sub.add_parser("models", help="model versions, their gate reports and rates")
+    models.set_defaults(fn=cmd_models)
+    models_sub = models.add_subparsers(dest="models_command")
+    mshow = models_sub.add_parser("show", help="one version with its evaluation report")
+    mshow.add_argument("number", type=int)
+    mshow.set_defaults(fn=cmd_models)
+    promote = sub.add_parser("promote", help="serve model version N (the previous stays loaded)")
+    promote.add_argument("number", type=int)
+    promote.set_defaults(fn=cmd_promote)
+    sub.add_parser("rollback", help="serve the previous model version again").set_defaults(fn=cmd_rollback)
+
+    sched = sub.add_parser("schedule", help="the retraining schedule of a repository")
+    sched_sub = sched.add_subparsers(dest="schedule_command", required=True)
+    sset = sched_sub.add_parser("set", help="set the schedule (cron, UTC)")
+    sset.add_argument("cron", help='five cron fields, e.g. "0 3 * * 0" (Sundays at 03:00 UTC)')
+    sset.add_argument("--repo", default=".", help="the repository (default: here)")
+    sched_sub.add_parser("show", help="every schedule and its next run")
+    for name in ("pause", "resume"):
+        one = sched_sub.add_parser(name, help=f"{name} a repository's retraining")
+        one.add_argument("--repo", default=".", help="the repository (default: here)")
+    sched.set_defaults(fn=cmd_schedule)
+
+    trainp = sub.add_parser("train", help="build the dataset, train, evaluate and maybe promote now")
+    trainp.add_argument("--repo", default=".", help="the repository (default: here)")
+    trainp.add_argument("--queue", action="store_true", help="enqueue for `codeloop worker` instead")
+    trainp.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
+    trainp.set_defaults(fn=cmd_train)
     return p
 
 

@@ -264,8 +264,9 @@ def run_job(job_id: int, ports: Ports) -> dict:
         config = parse_repo_config(git.show_file(workdir, ws["start_sha"], ".codeloop.yml"))
     except RepoConfigError as exc:
         raise JobFailed(str(exc)) from exc
-    model_name = config.model or settings.backend.model
-    fmt = config.edit_format or default_format_for(model_name)
+    model_name = config.model or _serving_model(settings, store, job_id)
+    # The format follows the model family: an adapter answers like its base model.
+    fmt = config.edit_format or default_format_for(config.model or settings.backend.model)
 
     # 2-3. context and prompt -----------------------------------------------
     query = req["requirement"] + ("\n" + feedback if feedback else "")
@@ -357,6 +358,13 @@ def run_job(job_id: int, ports: Ports) -> dict:
     return published
 
 
+def _serving_model(settings: Settings, store: Store, job_id: int) -> str:
+    """The promoted model version (or, for canary jobs, the one before it), else the default."""
+    from training.registry import serving_model
+
+    return serving_model(settings, store, job_id)
+
+
 def _slug(repo: str) -> str:
     return git.slugify(repo, limit=80) + "-" + str(abs(hash(repo)) % 10_000)
 
@@ -404,7 +412,7 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
         temperature=settings.backend.temperature,
         stop=prompt.stop,
         prefix=prompt.prefix,
-        model=model_name if settings.backend.kind == "openai" else None,
+        model=model_name,
     )
     try:
         gen = backend.generate(prompt.messages, params)

@@ -29,8 +29,13 @@ STAGE_LABELS = {
 }
 
 
-def build_backend(settings: Settings, progress: Callable[[str], None] | None = None) -> Backend:
-    """The configured backend. Heavy imports happen here, not at import time."""
+def build_backend(
+    settings: Settings, progress: Callable[[str], None] | None = None, store: Store | None = None
+) -> Backend:
+    """The configured backend. Heavy imports happen here, not at import time.
+
+    With a store, the embedded backend also loads the adapters of the serving model
+    versions (active and previous, training/registry) so jobs can use them by name."""
     if settings.backend.kind == "openai":
         from inference.backends.openai_backend import OpenAIBackend
 
@@ -39,13 +44,22 @@ def build_backend(settings: Settings, progress: Callable[[str], None] | None = N
     from inference.backends.transformers_backend import TransformersBackend
 
     path, _ = ensure_converted(settings.embedded.cache_dir, progress=progress)
-    return TransformersBackend(
+    backend = TransformersBackend(
         path,
         model_name=EMBEDDED_MODEL_NAME,
         adapter_path=settings.embedded.adapter_path,
         context_tokens=settings.backend.context_tokens,
         threads=settings.embedded.threads,
     )
+    if store is not None:
+        from pathlib import Path
+
+        from training.registry import serving_versions
+
+        for version in serving_versions(store):
+            if version["adapter_path"] and Path(version["adapter_path"]).is_dir():
+                backend.load_adapter(version["name"], Path(version["adapter_path"]))
+    return backend
 
 
 class LazyBackend:
@@ -123,7 +137,7 @@ def build_runtime(
     from bot.notify import RoutingNotifier
 
     store = Store(settings.database_url)
-    lazy = LazyBackend((lambda: backend) if backend is not None else (lambda: build_backend(settings)))
+    lazy = LazyBackend((lambda: backend) if backend is not None else (lambda: build_backend(settings, store=store)))
     # Each chat/forge feature adds its notifier (by request source) and delivery handler here.
     by_source: dict[str, Notifier] = {}
     handlers: dict[str, Handler] = {}
@@ -295,7 +309,16 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
             handle_delivery_task(pk)
         return recover(rt, run_job_task) + len(lost)
 
+    @huey.task(name="codeloop.train")
+    def train_task(run_id: int) -> str:
+        from training.schedule import run_training
+
+        rt = runtime()
+        loaded = rt.backend._backend  # promote into the embedded backend if this worker has it
+        return run_training(rt.settings, rt.store, run_id, backend=loaded)["state"]
+
     huey.codeloop_run_job = run_job_task  # type: ignore[attr-defined]
+    huey.codeloop_train = train_task  # type: ignore[attr-defined]
     huey.codeloop_handle_delivery = handle_delivery_task  # type: ignore[attr-defined]
     huey.codeloop_runtime = runtime  # type: ignore[attr-defined]
     return huey

@@ -240,6 +240,73 @@ class OpsSettings(BaseModel):
     )
 
 
+class TrainingSettings(BaseModel):
+    """The learning loop: dataset, LoRA training, the evaluation gate, schedule and serving."""
+
+    schedule: str = Field(
+        default="0 3 * * 0",
+        description="Default retraining schedule (cron: minute hour day month weekday; "
+        "an optional leading seconds field is accepted). Default: Sundays at 03:00 UTC.",
+    )
+    min_new_examples: int = Field(
+        default=20, ge=0,
+        description="A run with fewer new merged changes since the last run is skipped.",
+    )
+    holdout_share: float = Field(
+        default=0.1, ge=0, lt=1, description="Newest share of examples held out for evaluation."
+    )
+    max_seq_len: int = Field(default=2048, ge=64, description="Longest training sequence (tokens).")
+    lora_rank: int = Field(default=16, ge=1, le=64, description="LoRA rank (vLLM serves up to 16).")
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha.")
+    learning_rate: float = Field(default=2e-4, gt=0, description="LoRA learning rate.")
+    epochs: float = Field(default=2.0, gt=0, description="Epochs over the SFT examples.")
+    max_steps: int = Field(default=-1, description="Stop after this many steps (-1: by epochs).")
+    batch_size: int = Field(default=1, ge=1, description="Examples per device per step.")
+    grad_accum: int = Field(default=8, ge=1, description="Gradient accumulation steps.")
+    min_preference_pairs: int = Field(
+        default=50, ge=1, description="DPO runs after SFT when there are this many preference pairs."
+    )
+    min_kto_examples: int = Field(
+        default=100, ge=1,
+        description="KTO runs after SFT (when DPO does not) with this many labelled examples.",
+    )
+    near_duplicate_threshold: float = Field(
+        default=0.85, gt=0, le=1, description="MinHash Jaccard above which examples are duplicates."
+    )
+    eval_max_examples: int = Field(
+        default=50, ge=0, description="Most held-out changes the gate evaluates."
+    )
+    eval_generate: bool = Field(
+        default=True,
+        description="Generate on held-out changes for the well-formed edit rate and tests.",
+    )
+    eval_max_new_tokens: int = Field(
+        default=512, ge=1, description="Most tokens one evaluation answer may produce."
+    )
+    humaneval_subset: int = Field(
+        default=20, ge=0, description="HumanEval problems in the guard (0 turns the guard off)."
+    )
+    gate_margin: float = Field(
+        default=0.02, ge=0,
+        description="Tolerance: a metric may be worse by this much (relative for loss, "
+        "absolute for rates) beyond its confidence interval before the gate rejects.",
+    )
+    gate_confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence level of the gate's intervals."
+    )
+    auto_promote: bool = Field(
+        default=True, description="Promote a candidate that passes the gate without a person."
+    )
+    canary_share: float = Field(
+        default=1.0, ge=0, le=1,
+        description="Share of jobs the newest promoted version serves; the rest go to the one "
+        "it replaced (1.0: all jobs to the new version).",
+    )
+    adapters_dir: Path | None = Field(
+        default=None, description="Where adapters and run artifacts go (default: HOME/adapters)."
+    )
+
+
 class Settings(BaseSettings):
     """Root settings object: CODELOOP_ prefix, `__` between nested names."""
 
@@ -274,6 +341,9 @@ class Settings(BaseSettings):
     forge: ForgeSettings = Field(default_factory=ForgeSettings, description="Where PRs go.")
     github: GitHubSettings = Field(default_factory=GitHubSettings, description="GitHub.")
     slack: SlackSettings = Field(default_factory=SlackSettings, description="Slack.")
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, description="Learning loop: training, gate, schedule."
+    )
     ops: OpsSettings = Field(default_factory=OpsSettings, description="Operations: logs.")
 
     @property

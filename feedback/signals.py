@@ -14,10 +14,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from bot import jobs
+from bot import git, jobs
 from bot.forges import Forge, ForgeError, RepoInfo
 from bot.store.db import Store
-from bot.store.models import PullRequest, ReviewSignal, utcnow
+from bot.store.models import MergedChange, PullRequest, ReviewSignal, utcnow
 
 KINDS = {"approved", "changes_requested", "commented", "line_comment", "merged", "closed_unmerged"}
 
@@ -105,9 +105,18 @@ def merge_local(store: Store, forge: Forge, pr_id: int, *, author: str | None) -
     if not Path(repo.repo).exists():
         raise ForgeError(f"the repository {repo.repo} no longer exists")
     sha = forge.merge(repo, branch=branch, base=base, message=f"Merge #{number}: {title}")
+    top = Path(repo.repo)
+    base_sha = git.rev(top, f"{sha}^1")
+    diff = git.git(top, "diff", "--no-color", "--binary", base_sha, sha) if base_sha else ""
     with store.session() as s:
         pr = s.get(PullRequest, pr_id)
         pr.state, pr.merged_at = "merged", utcnow()
+        # Training material (training/dataset.py), written the same way by every forge.
+        s.add(MergedChange(
+            forge="local", repo=pr.repo, external_id=str(number), title=pr.title, body=pr.body,
+            diff=diff, base_sha=base_sha, merge_sha=sha, author=author, by_bot=True,
+            pull_request_id=pr.id, merged_at=pr.merged_at,
+        ))
     record_signal(store, pr_id, kind="merged", source="local", external_id=f"merge-{pr_id}",
                   author=author)
     return sha

@@ -306,3 +306,47 @@ class GitHubReviewReply(Base):
     author: Mapped[str | None] = mapped_column(String(200))
     reply_id: Mapped[int | None] = mapped_column(BigInteger)
     replied_at: Mapped[datetime | None]
+
+
+# ---------------------------------------------------------------- learning loop (training/)
+
+
+class TrainingRun(Base):
+    """One training run of one repository: scheduled (key = repository + fire time) or asked for.
+
+    The key is unique, so a schedule that fires twice for the same time makes one run; the
+    worker claims a run by moving it from `queued` to `running`, so it trains once.
+    """
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(700), unique=True)
+    repo: Mapped[str] = mapped_column(String(500), index=True)
+    trigger: Mapped[str] = mapped_column(String(20))  # schedule | manual
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    # queued | running | succeeded | skipped | failed
+    reason: Mapped[str | None] = mapped_column(Text)  # why skipped / failed, or the gate's verdict
+    dataset_card: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    losses: Mapped[list[Any]] = mapped_column(default=list)  # [{"step": n, "loss": x}]
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    data_until: Mapped[datetime | None]  # newest merged change the run saw
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # seconds per phase
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class ModelPromotion(Base):
+    """A change of the serving model: promote (previous kept loaded for rollback) or rollback."""
+
+    __tablename__ = "model_promotions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    action: Mapped[str] = mapped_column(String(20))  # promote | rollback
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    previous_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    actor: Mapped[str | None] = mapped_column(String(200))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -48,6 +48,36 @@ class TransformersBackend:
         self.load_seconds = time.perf_counter() - started
         self.name = f"transformers:{self.model_name}"
         self._lock = threading.Lock()  # one generation at a time on one CPU model
+        self.base_name = model_name
+        self.adapters: dict[str, Path] = {}  # loaded by name (training/registry promotions)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Load a LoRA adapter next to the others; `GenerationParams.model=name` uses it."""
+        from peft import PeftModel
+
+        with self._lock:
+            if name in self.adapters:
+                return
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                self.model.eval()
+            self.adapters[name] = Path(path)
+
+    def _selection(self, model: str | None):
+        """(context that selects the model, name it answers as) for a requested model name.
+
+        Only names loaded with `load_adapter` (and the base name next to them) select;
+        anything else keeps the default, as before."""
+        import contextlib
+
+        if model and model in self.adapters:
+            self.model.set_adapter(model)
+            return contextlib.nullcontext(), model
+        if model and model == self.base_name and self.adapters:
+            return self.model.disable_adapter(), model
+        return contextlib.nullcontext(), self.model_name
 
     # ------------------------------------------------------------------ helpers
     def count_tokens(self, text: str) -> int:
@@ -136,13 +166,14 @@ class TransformersBackend:
 
         def work() -> None:
             try:
-                with torch.inference_mode():
+                with selected, torch.inference_mode():
                     result["output"] = self.model.generate(**kwargs)
             except BaseException as exc:  # reported on the caller's thread
                 result["error"] = exc
                 streamer.end()
 
         with self._lock:
+            selected, stats["model"] = self._selection(params.model)
             thread = threading.Thread(target=work, name="generate", daemon=True)
             thread.start()
             for piece in streamer:
@@ -178,7 +209,7 @@ class TransformersBackend:
                 text = text[:cut]
         return Generation(
             text=params.prefix + text,
-            model=self.model_name,
+            model=stats.get("model", self.model_name),
             prompt_tokens=stats.get("prompt_tokens", 0),
             completion_tokens=stats.get("completion_tokens", 0),
             seconds=time.perf_counter() - started,

@@ -1,0 +1,146 @@
+"""Learning-loop benchmark on a real repository's git history.
+
+    python bench/learning.py REPO_PATH [--commits 40] [--steps 6] [--max-seq-len 384]
+
+Commits become merged changes (their messages the requirements), the dataset builder splits
+them by time, codeloop's trainer trains on the older part, and the table shows the held-out
+mean token loss before and after, and training tokens/s with the padding share against a
+plain TRL `SFTTrainer` with its default settings (same data, same LoRA config, same number
+of examples seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bot.settings import EmbeddedSettings, Settings, StoreSettings, TrainingSettings  # noqa: E402
+from bot.store.db import Store  # noqa: E402
+from training.dataset import build_dataset, import_git_history  # noqa: E402
+
+
+def heldout_loss(model_dir: Path, adapter: Path | None, examples, max_len: int) -> float:
+    from training.evaluate import completion_loss, load_models
+
+    loaded = load_models(model_dir, {"a": adapter} if adapter else {})
+    losses = [completion_loss(loaded, "a" if adapter else None, ex, max_len) for ex in examples]
+    return statistics.fmean([x for x in losses if x == x])
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def plain_sft(model_dir: Path, rows: list[dict], out: Path, examples_seen: int, cfg) -> dict:
+    """TRL's SFTTrainer with its default settings (LoRA config as ours, CPU as available)."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from training.train import TokenCounter, lora_config
+
+    args = SFTConfig(output_dir=str(out), report_to=[], use_cpu=not torch.cuda.is_available())
+    note = "defaults"
+    if args.bf16 and not torch.cuda.is_available() and not cpu_has_bf16():
+        # Emulated bf16 on a CPU without bf16 instructions takes tens of minutes a step.
+        args.bf16 = False
+        note = "defaults, bf16 off (this CPU has no bf16 instructions)"
+    steps = max(1, examples_seen // (args.per_device_train_batch_size
+                                     * args.gradient_accumulation_steps))
+    args.max_steps = steps
+    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
+                         peft_config=lora_config(cfg))
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    from training.train import logged_tokens
+
+    seen = logged_tokens(trainer)
+    tokens, positions = counter.tokens, counter.positions
+    if seen and tokens:
+        tokens, positions = seen, round(seen * counter.positions / counter.tokens)
+    return {"tokens": tokens, "positions": positions, "seconds": seconds,
+            "steps": steps, "batch": args.per_device_train_batch_size,
+            "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16, "note": note}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("repo", type=Path)
+    p.add_argument("--commits", type=int, default=40, help="newest N commits of the history")
+    p.add_argument("--steps", type=int, default=6, help="codeloop trainer steps (batch 1)")
+    p.add_argument("--max-seq-len", type=int, default=384)
+    p.add_argument("--format", default="search_replace", choices=["whole", "search_replace"],
+                   help="edit format of the answers (whole files rarely fit short sequences)")
+    p.add_argument("--skip-plain", action="store_true")
+    args = p.parse_args(argv)
+
+    from inference.backends.embedded import ensure_converted
+
+    work = Path(tempfile.mkdtemp(prefix="codeloop-bench-learning-"))
+    cfg = TrainingSettings(max_seq_len=args.max_seq_len, holdout_share=0.2, grad_accum=1,
+                           batch_size=1, learning_rate=5e-4, humaneval_subset=0)
+    settings = Settings(home=work / "home", store=StoreSettings(url=None), training=cfg,
+                        embedded=EmbeddedSettings())
+    model_dir, _ = ensure_converted(settings.embedded.cache_dir)
+    store = Store(settings.database_url)
+    repo = args.repo.resolve()
+    added = import_git_history(store, repo, repo=str(repo), limit=args.commits)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    started = time.perf_counter()
+    data = build_dataset(settings, store, str(repo), edit_format=args.format,
+                         count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+    build_s = time.perf_counter() - started
+    print(f"{repo}: {added} commits imported; dataset in {build_s:.1f} s: "
+          f"{json.dumps(data.card['kept'])}; dropped {json.dumps(data.card['dropped_by_reason'])}")
+    if not data.sft or not data.heldout:
+        print("not enough examples to train and evaluate")
+        return 1
+
+    before = heldout_loss(model_dir, None, data.heldout, args.max_seq_len)
+    from training.train import sft_rows, train
+
+    result = train(settings, data, model_dir, work / "run", max_steps=args.steps)
+    after = heldout_loss(model_dir, result.adapter_dir, data.heldout, args.max_seq_len)
+    seen = args.steps * cfg.batch_size * cfg.grad_accum
+    print()
+    print(f"| held-out changes | {len(data.heldout)} (newest {cfg.holdout_share:.0%}) | "
+          f"train examples | {len(data.sft)} |")
+    print()
+    print("| metric | base model | after codeloop LoRA |")
+    print("|---|---|---|")
+    print(f"| held-out mean token loss | {before:.4f} | {after:.4f} |", flush=True)
+    plain = None if args.skip_plain else plain_sft(model_dir, sft_rows(data.sft), work / "plain",
+                                                   seen, cfg)
+    print()
+    print("| trainer | steps x batch | tokens | seconds | tokens/s | padding share |")
+    print("|---|---|---|---|---|---|")
+    print(f"| codeloop (batch 1, no padding, no checkpointing on CPU) | {result.steps} x "
+          f"{cfg.batch_size} | {result.tokens} | {result.seconds:.1f} | "
+          f"{result.tokens_per_second:.1f} | {result.padding_share:.1%} |")
+    if plain:
+        share = 1 - plain["tokens"] / plain["positions"] if plain["positions"] else 0.0
+        print(f"| TRL SFTTrainer {plain['note']} (gradient checkpointing "
+              f"{plain['gradient_checkpointing']}, bf16 {plain['bf16']}) | {plain['steps']} x "
+              f"{plain['batch']} | {plain['tokens']} | {plain['seconds']:.1f} | "
+              f"{plain['tokens'] / plain['seconds']:.1f} | {share:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

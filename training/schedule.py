@@ -1,0 +1,500 @@
+"""The retraining schedule (APScheduler 3.11, jobs in codeloop's database) and training runs.
+
+Schedules live in APScheduler's SQLAlchemyJobStore in the same database as everything else
+(SQLite or PostgreSQL), so they survive restarts. One scheduler process runs them
+(`run_scheduler`); the `codeloop schedule ...` commands and Slack change the stored jobs and
+the running scheduler picks the change up within seconds. Every repository the store knows
+gets the default weekly schedule (`training.schedule`) unless one was set.
+
+When a schedule fires it records a training run whose key is the repository plus the fire
+time, and enqueues `codeloop.train` (huey). A second fire for the same time finds the key and
+does nothing; a worker claims a run by moving it from `queued` to `running`, so a run trains
+once even when it is enqueued twice. A run is skipped, with the reason stored, when fewer new
+merged changes arrived since the last successful run than `training.min_new_examples`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from bot.settings import Settings
+from bot.store.db import Store
+from bot.store.models import MergedChange, PullRequest, TrainingRun, utcnow
+
+log = logging.getLogger(__name__)
+
+JOBSTORE_TABLE = "codeloop_schedules"
+POLL_SECONDS = 5.0  # how soon the running scheduler sees a change made by another process
+DOW_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+# The process's scheduler context: set by run_scheduler, read by the fired job.
+_RUNNER: dict = {}
+
+
+# ---------------------------------------------------------------- cron
+
+
+def _dow_names(field: str) -> str:
+    """Crontab weekday numbers (0 or 7 = Sunday) as names, since APScheduler 3 counts 0 as
+    Monday. Numbers after a `/` are steps and stay numbers."""
+    return re.sub(r"(?<![/\d])(\d+)", lambda m: DOW_NAMES[int(m.group(1))]
+                  if int(m.group(1)) <= 7 else m.group(1), field)
+
+
+def parse_cron(cron: str):
+    """A CronTrigger (UTC) from five crontab fields, or six with seconds first."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = cron.split()
+    hint = ("use five cron fields: minute hour day month weekday, e.g. \"0 3 * * 0\" for "
+            "Sundays at 03:00 UTC")
+    if len(fields) not in (5, 6):
+        raise ValueError(f"bad schedule {cron!r}: {len(fields)} fields; {hint}")
+    second = fields.pop(0) if len(fields) == 6 else "0"
+    minute, hour, day, month, dow = fields
+    try:
+        if re.search(r"\d", dow) and not re.fullmatch(r"[\d,\-*/]+", dow):
+            raise ValueError("weekday mixes numbers and names")
+        return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month,
+                           day_of_week=_dow_names(dow), timezone=timezone.utc)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"bad schedule {cron!r}: {exc}; {hint}") from None
+
+
+def describe(cron: str, now: datetime | None = None) -> str:
+    trigger = parse_cron(cron)
+    now = now or datetime.now(timezone.utc)
+    nxt = trigger.get_next_fire_time(None, now)
+    return f"cron \"{cron}\" (UTC); next run {nxt:%a %Y-%m-%d %H:%M:%S} UTC"
+
+
+def fire_slot(trigger, now: datetime) -> datetime:
+    """The latest time ≤ now the trigger fires: the slot a fire near `now` belongs to."""
+    for window in (timedelta(minutes=2), timedelta(hours=2), timedelta(days=2),
+                   timedelta(days=9), timedelta(days=40), timedelta(days=400)):
+        t = trigger.get_next_fire_time(None, now - window)
+        if t is not None and t <= now:
+            while True:
+                nxt = trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
+                if nxt is None or nxt > now:
+                    return t
+                t = nxt
+    return now.replace(microsecond=0)
+
+
+# ---------------------------------------------------------------- the job store
+
+
+def _scheduler(settings: Settings):
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    store = Store(settings.database_url)  # makes the SQLite directory, migrates
+    jobstore = SQLAlchemyJobStore(engine=store.engine, tablename=JOBSTORE_TABLE)
+    return BackgroundScheduler(
+        jobstores={"default": jobstore}, timezone=timezone.utc,
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600},
+    )
+
+
+class _Editing:
+    """A paused scheduler on the job store, for changing schedules from any process."""
+
+    def __init__(self, settings: Settings):
+        self.scheduler = _scheduler(settings)
+
+    def __enter__(self):
+        self.scheduler.start(paused=True)
+        return self.scheduler
+
+    def __exit__(self, *exc):
+        self.scheduler.shutdown(wait=False)
+        self.scheduler._jobstores["default"].engine.dispose()
+
+
+def job_id(repo: str) -> str:
+    return f"retrain:{repo}"
+
+
+def set_schedule(settings: Settings, repo: str, cron: str) -> str:
+    """Set (or replace) the retraining schedule of `repo`; returns a human description.
+
+    ValueError with a clear message for a bad cron expression."""
+    if not repo.strip():
+        raise ValueError("name the repository the schedule is for")
+    trigger = parse_cron(cron)
+    description = describe(cron)
+    with _Editing(settings) as sched:
+        old = sched.get_job(job_id(repo))
+        sched.add_job("training.schedule:scheduled_fire", trigger, id=job_id(repo),
+                      name=f"retrain {repo}", kwargs={"repo": repo, "cron": cron},
+                      replace_existing=True)
+        if old is not None and old.next_run_time is None:  # a paused schedule stays paused
+            sched.pause_job(job_id(repo))
+            description += " (paused)"
+    return f"{repo}: {description}"
+
+
+def _existing(sched, repo: str):
+    job = sched.get_job(job_id(repo))
+    if job is None:
+        raise ValueError(f"no schedule for {repo}; set one with `codeloop schedule set "
+                         f"\"0 3 * * 0\" --repo {repo}`")
+    return job
+
+
+def pause_schedule(settings: Settings, repo: str) -> None:
+    with _Editing(settings) as sched:
+        _existing(sched, repo)
+        sched.pause_job(job_id(repo))
+
+
+def resume_schedule(settings: Settings, repo: str) -> None:
+    with _Editing(settings) as sched:
+        _existing(sched, repo)
+        sched.resume_job(job_id(repo))
+
+
+def show_schedules(settings: Settings) -> list[dict]:
+    """Every stored schedule: repo, cron, paused, next_run (UTC datetime or None), description."""
+    with _Editing(settings) as sched:
+        out = []
+        for job in sched.get_jobs():
+            if not job.id.startswith("retrain:"):
+                continue
+            cron = job.kwargs.get("cron", "")
+            out.append({
+                "repo": job.kwargs.get("repo"), "cron": cron, "paused": job.next_run_time is None,
+                "next_run": job.next_run_time,
+                "description": f"cron \"{cron}\" (UTC)" + (
+                    ", paused" if job.next_run_time is None
+                    else f", next run {job.next_run_time:%Y-%m-%d %H:%M:%S} UTC"),
+            })
+        return sorted(out, key=lambda d: d["repo"])
+
+
+def known_repos(store: Store) -> list[str]:
+    with store.session() as s:
+        repos = set(s.scalars(select(MergedChange.repo).distinct()))
+        repos |= set(s.scalars(select(PullRequest.repo).distinct()))
+    return sorted(repos)
+
+
+def ensure_default_schedules(settings: Settings, store: Store, sched) -> list[str]:
+    """Give every known repository without a schedule the default one; returns those added."""
+    added = []
+    for repo in known_repos(store):
+        if sched.get_job(job_id(repo)) is None:
+            sched.add_job("training.schedule:scheduled_fire",
+                          parse_cron(settings.training.schedule),
+                          id=job_id(repo), name=f"retrain {repo}",
+                          kwargs={"repo": repo, "cron": settings.training.schedule})
+            added.append(repo)
+    return added
+
+
+# ---------------------------------------------------------------- firing and runs
+
+
+def run_key(repo: str, when: datetime, trigger: str = "schedule") -> str:
+    stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{repo}@{trigger}:{stamp}"
+
+
+def enqueue_training(store: Store, repo: str, *, key: str, trigger: str,
+                     requested_by: str | None,
+                     enqueue: Callable[[int], object] | None) -> tuple[int, bool]:
+    """Record the run once per key and enqueue it; returns (run id, created)."""
+    try:
+        with store.session() as s:
+            run = TrainingRun(key=key, repo=repo, trigger=trigger, requested_by=requested_by,
+                              state="queued", dataset_card={}, losses=[], timings={})
+            s.add(run)
+            s.flush()
+            run_id = run.id
+    except IntegrityError:
+        with store.session() as s:
+            run_id = s.scalar(select(TrainingRun.id).where(TrainingRun.key == key))
+        log.info("training run %s for %s exists already (key %s)", run_id, repo, key)
+        return run_id, False
+    if enqueue is not None:
+        enqueue(run_id)
+    return run_id, True
+
+
+def fire(settings: Settings, store: Store, repo: str, when: datetime,
+         enqueue: Callable[[int], object] | None) -> tuple[int, bool]:
+    """A schedule fired for `repo` at slot `when`: one run per repository and slot."""
+    return enqueue_training(store, repo, key=run_key(repo, when), trigger="schedule",
+                            requested_by="schedule", enqueue=enqueue)
+
+
+def scheduled_fire(repo: str, cron: str) -> None:
+    """What the stored APScheduler job calls (in the scheduler process)."""
+    ctx = _RUNNER.get("ctx")
+    if ctx is None:
+        log.error("schedule for %s fired outside `run_scheduler`; ignored", repo)
+        return
+    now = datetime.now(timezone.utc)
+    slot = fire_slot(parse_cron(cron), now)
+    run_id, created = fire(ctx["settings"], ctx["store"], repo, slot, ctx["enqueue"])
+    log.info("schedule fired for %s (slot %s): training run %s%s", repo, slot.isoformat(),
+             run_id, "" if created else " (already recorded)")
+
+
+def retrain_now(settings: Settings, store: Store, repo: str, requested_by: str,
+                enqueue: Callable[[int], object] | None = None) -> int:
+    """Record a training run for `repo` now and enqueue it on the huey queue; its id."""
+    if enqueue is None:
+        enqueue = _queue_enqueue(settings)
+    key = run_key(repo, datetime.now(timezone.utc), "manual") + f"#{time.monotonic_ns()}"
+    run_id, _ = enqueue_training(store, repo, key=key, trigger="manual",
+                                 requested_by=requested_by, enqueue=enqueue)
+    return run_id
+
+
+def _queue_enqueue(settings: Settings) -> Callable[[int], object]:
+    from bot.runtime import build_queue, build_runtime
+
+    huey = build_queue(settings, lambda: build_runtime(settings))
+    return huey.codeloop_train
+
+
+class SchedulerRunning(RuntimeError):
+    """Another scheduler process holds the lock on this database."""
+
+
+class _SingleScheduler:
+    """One scheduler per database: a PostgreSQL advisory lock, or a file lock next to the
+    SQLite database (released when the process ends, however it ends)."""
+
+    KEY = 0x636F64656C6F6F70 & 0x7FFFFFFFFFFFFFFF  # "codeloop"
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store, self.settings = store, settings
+        self._conn = None
+        self._fh = None
+
+    def __enter__(self):
+        if self.store.engine.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            self._conn = self.store.engine.connect()
+            got = self._conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                     {"k": self.KEY}).scalar()
+            if not got:
+                self._conn.close()
+                raise SchedulerRunning("another codeloop scheduler is running on this database")
+            return self
+        import fcntl
+
+        path = self.settings.home / "scheduler.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "w")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise SchedulerRunning(
+                f"another codeloop scheduler is running ({path} is locked)") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self._conn is not None:
+            from sqlalchemy import text
+
+            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.KEY})
+            self._conn.close()
+        if self._fh is not None:
+            self._fh.close()
+
+
+def run_scheduler(settings: Settings, stop: threading.Event,
+                  enqueue: Callable[[int], object] | None = None) -> None:
+    """The one scheduler process: blocks until `stop` is set. SchedulerRunning when another
+    scheduler already runs on this database."""
+    store = Store(settings.database_url)
+    lock = _SingleScheduler(store, settings)
+    try:
+        lock.__enter__()
+    except SchedulerRunning:
+        store.close()
+        raise
+    try:
+        _run_scheduler(settings, store, stop, enqueue)
+    finally:
+        lock.__exit__(None, None, None)
+        store.close()
+
+
+def _run_scheduler(settings: Settings, store: Store, stop: threading.Event,
+                   enqueue: Callable[[int], object] | None) -> None:
+    enqueue = enqueue or _queue_enqueue(settings)
+    _RUNNER["ctx"] = {"settings": settings, "store": store, "enqueue": enqueue}
+    sched = _scheduler(settings)
+    sched.start()
+    try:
+        added = ensure_default_schedules(settings, store, sched)
+        for repo in added:
+            log.info("default schedule for %s: %s", repo, describe(settings.training.schedule))
+        last_check = time.monotonic()
+        while not stop.wait(POLL_SECONDS):
+            sched.wakeup()  # see schedules other processes changed
+            if time.monotonic() - last_check > 60:
+                ensure_default_schedules(settings, store, sched)
+                last_check = time.monotonic()
+    finally:
+        sched.shutdown(wait=True)
+        _RUNNER.pop("ctx", None)
+
+
+# ---------------------------------------------------------------- the training job
+
+
+def _finish(store: Store, run_id: int, state: str, reason: str | None, **values) -> None:
+    with store.session() as s:
+        run = s.get(TrainingRun, run_id)
+        run.state, run.reason, run.finished_at = state, reason, utcnow()
+        for k, v in values.items():
+            setattr(run, k, v)
+
+
+def base_model_dir(settings: Settings) -> Path:
+    from inference.backends.embedded import ensure_converted
+
+    path, _ = ensure_converted(settings.embedded.cache_dir)
+    return Path(path)
+
+
+def run_training(settings: Settings, store: Store, run_id: int, *, backend: object | None = None,
+                 base_model: Path | None = None, max_steps: int | None = None,
+                 repo_dirs: dict[str, Path] | None = None) -> dict:
+    """The durable training job: claim, check there is enough new data, build the dataset,
+    train, evaluate against the active version, and promote or reject. Returns the run."""
+    from training import registry
+
+    with store.session() as s:
+        claimed = s.execute(update(TrainingRun).where(TrainingRun.id == run_id,
+                                                      TrainingRun.state == "queued")
+                            .values(state="running", started_at=utcnow())).rowcount
+    if not claimed:
+        log.info("training run %s: not queued (ran already or running elsewhere)", run_id)
+        return registry.run_as_dict(_get(store, run_id))
+    run = registry.run_as_dict(_get(store, run_id))
+    repo = run["repo"]
+    timings: dict = {}
+    try:
+        with store.session() as s:
+            since = s.scalar(select(TrainingRun.data_until).where(
+                TrainingRun.repo == repo, TrainingRun.state == "succeeded",
+                TrainingRun.id != run_id).order_by(TrainingRun.id.desc()).limit(1))
+        from training.dataset import build_dataset, count_new_examples
+
+        new = count_new_examples(store, repo, since)
+        minimum = settings.training.min_new_examples
+        if new < minimum:
+            after = f" since {since:%Y-%m-%d %H:%M}" if since else ""
+            reason = f"only {new} new merged change(s){after}; the minimum is {minimum}"
+            _finish(store, run_id, "skipped", reason)
+            log.info("training run %s for %s skipped: %s", run_id, repo, reason)
+            return registry.run_as_dict(_get(store, run_id))
+        base = Path(base_model) if base_model else base_model_dir(settings)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(base)
+        t0 = time.perf_counter()
+        data = build_dataset(settings, store, repo, repo_dirs=repo_dirs,
+                             count_tokens=lambda t: len(tok(t, add_special_tokens=False)[
+                                 "input_ids"]))
+        timings["dataset"] = round(time.perf_counter() - t0, 2)
+        out = (settings.training.adapters_dir or settings.home / "adapters") / f"run-{run_id}"
+        data.save(out / "dataset")
+        with store.session() as s:
+            s.get(TrainingRun, run_id).dataset_card = data.card
+        if not data.sft:
+            _finish(store, run_id, "skipped", "no usable examples after cleaning (see the card)")
+            return registry.run_as_dict(_get(store, run_id))
+        from training.train import train
+
+        t0 = time.perf_counter()
+        result = train(settings, data, base, out, max_steps=max_steps)
+        timings["train"] = round(time.perf_counter() - t0, 2)
+        with store.session() as s:
+            s.get(TrainingRun, run_id).losses = [{"step": p["step"], "loss": p["loss"]}
+                                                 for p in result.losses]
+        name = f"{_slug(repo)}-r{run_id}"
+        version_id = registry.create_candidate(
+            store, name=name, base_model=str(base), adapter_path=result.adapter_dir,
+            dataset_card=data.card, metrics={"train": result.summary()})
+        from training.evaluate import evaluate_candidate
+
+        active = registry.active_version(store)
+        t0 = time.perf_counter()
+        report = evaluate_candidate(
+            settings, base, data.heldout, (name, result.adapter_dir),
+            (active["name"], Path(active["adapter_path"])) if active else None,
+            edit_format=data.edit_format, repo_dir=_repo_dir(repo, repo_dirs),
+            config=_repo_config(repo, repo_dirs))
+        timings["evaluate"] = round(time.perf_counter() - t0, 2)
+        registry.set_report(store, version_id, report)
+        verdict = report["decision"]
+        if verdict == "promote" and settings.training.auto_promote:
+            registry.promote(settings, store, version_id, actor="gate", backend=backend)
+            reason = "promoted: " + "; ".join(report["reasons"])
+        elif verdict == "promote":
+            reason = "passed the gate; waiting for `codeloop promote " + str(version_id) + "`"
+        else:
+            with store.session() as s:
+                from bot.store.models import ModelVersion
+
+                s.get(ModelVersion, version_id).status = "rejected"
+            reason = "rejected by the gate: " + "; ".join(report["reasons"])
+        _finish(store, run_id, "succeeded", reason, model_version_id=version_id,
+                data_until=data.data_until, timings=timings)
+    except Exception as exc:  # noqa: BLE001 - the training job's boundary
+        log.exception("training run %s for %s failed", run_id, repo)
+        _finish(store, run_id, "failed", f"{type(exc).__name__}: {exc}", timings=timings)
+    return registry.run_as_dict(_get(store, run_id))
+
+
+def _get(store: Store, run_id: int) -> TrainingRun:
+    with store.session() as s:
+        return s.get(TrainingRun, run_id)
+
+
+def _slug(repo: str) -> str:
+    from bot import git
+
+    return git.slugify(Path(repo).name if "/" in repo and Path(repo).exists() else repo, limit=40)
+
+
+def _repo_dir(repo: str, repo_dirs: dict[str, Path] | None) -> Path | None:
+    if repo_dirs and repo in repo_dirs:
+        return Path(repo_dirs[repo])
+    path = Path(repo)
+    return path if (path / ".git").exists() else None
+
+
+def _repo_config(repo: str, repo_dirs: dict[str, Path] | None):
+    import subprocess
+
+    from bot.settings import RepoConfigError, parse_repo_config
+
+    d = _repo_dir(repo, repo_dirs)
+    if d is None:
+        return parse_repo_config(None)
+    text = subprocess.run(["git", "show", "HEAD:.codeloop.yml"], cwd=d, capture_output=True,
+                          text=True).stdout
+    try:
+        return parse_repo_config(text or None)
+    except RepoConfigError:
+        return parse_repo_config(None)

@@ -220,6 +220,40 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """serve: web + worker + scheduler in one process; web / scheduler: one part each."""
+    from bot.serve import run_service, scheduler_runner
+
+    if args.command == "scheduler" and scheduler_runner() is None:
+        return _fail("retraining is not part of this build (no training package); "
+                     "there is nothing to schedule", code=1)
+    parts = {"serve": (True, True, True), "web": (True, False, False),
+             "scheduler": (False, False, True)}[args.command]
+    web, worker, scheduler = parts
+    return run_service(settings, web=web, worker=worker, scheduler=scheduler)
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.doctor import PARTS, doctor
+
+    only = tuple(p.strip() for p in args.only.split(",") if p.strip()) if args.only else PARTS
+    unknown = [p for p in only if p not in PARTS]
+    if unknown:
+        return _fail(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    return doctor(settings, write=_print, timeout=args.timeout, only=only)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.store.db import Store, StoreError
+
+    try:
+        store = Store(settings.database_url)
+    except StoreError as exc:
+        return _fail(str(exc), code=1)
+    _print(f"database migrated: {store.engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
 def _report_model_server(settings: Settings) -> None:
     """At worker start: what the model server serves, and a warning if our model is not there.
 
@@ -487,6 +521,19 @@ def parser() -> argparse.ArgumentParser:
     merge.set_defaults(fn=cmd_merge)
 
     sub.add_parser("worker", help="run queued jobs (huey consumer)").set_defaults(fn=cmd_worker)
+    sub.add_parser("serve", help="web + worker + scheduler in one process (one machine)"
+                   ).set_defaults(fn=cmd_serve)
+    sub.add_parser("web", help="the web server: webhooks, Slack events, metrics, dashboard"
+                   ).set_defaults(fn=cmd_serve)
+    sub.add_parser("scheduler", help="the retraining scheduler (run one)"
+                   ).set_defaults(fn=cmd_serve)
+    doctor = sub.add_parser("doctor", help="check the set-up: one line per part, what to fix")
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    doctor.add_argument("--only", help="comma-separated parts: database,queue,backend,slack,"
+                        "github,sandbox (health checks use --only database,queue)")
+    doctor.set_defaults(fn=cmd_doctor)
+    sub.add_parser("migrate", help="bring the database schema up to date"
+                   ).set_defaults(fn=cmd_migrate)
     sub.add_parser("stats", help="job states and edit-format well-formedness").set_defaults(fn=cmd_stats)
 
     slack = sub.add_parser("slack", help="Slack: Socket Mode (no public URL needed)")
@@ -554,13 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings()
     except Exception as exc:  # noqa: BLE001 - bad settings: one clear line
         return _fail(f"invalid settings: {exc}")
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    from bot import logs
+
+    # Services log JSON lines by default (auto: text on a terminal); commands people type
+    # log readable text. Either way ids ride along and secret values are masked.
+    services = ("serve", "web", "worker", "scheduler")
+    logs.configure(
+        settings.secret_values(), level=settings.log_level,
+        fmt=settings.ops.log_format if args.command in services else "text", stream=sys.stderr,
     )
-    for noisy in ("alembic", "httpx", "transformers", "huey"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command in ("run", "review", "demo"):
         logging.getLogger("bot").setLevel(logging.WARNING)
     try:

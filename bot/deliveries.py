@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from bot import logs
 from bot.store.db import Store
 from bot.store.models import Delivery, utcnow
 
@@ -75,6 +76,12 @@ def handle(store: Store, delivery_pk: int, handlers: dict[str, Handler]) -> str:
         if row.state != "received":
             return row.state
         view = DeliveryView(row.id, row.source, row.delivery_id, row.event, dict(row.payload))
+    with logs.bound(delivery_id=view.delivery_id):
+        return _handle(store, view, handlers)
+
+
+def _handle(store: Store, view: DeliveryView, handlers: dict[str, Handler]) -> str:
+    delivery_pk = view.id
     handler = handlers.get(view.source)
     state, note, request_id = "handled", None, None
     if handler is None:

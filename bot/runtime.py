@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bot import deliveries, jobs
+from bot import deliveries, jobs, logs
 from bot.deliveries import Handler
 from bot.forges import Forge
 from bot.forges.local import LocalForge
@@ -213,6 +213,27 @@ def execute(runtime: Runtime, job_id: int, owner: str | None = None) -> Outcome:
     This is the one boundary for a job: every failure ends here, logged with the job id,
     stored on the job, and told to the requester through the notifier.
     """
+    with logs.bound(**_job_ids(runtime.store, job_id)):
+        return _execute(runtime, job_id, owner)
+
+
+def _job_ids(store: Store, job_id: int) -> dict:
+    """request, job and delivery ids of a job, for its log lines (bot.logs)."""
+    from sqlalchemy import select
+
+    from bot.store.models import Delivery, Job
+
+    with store.session() as s:
+        request_id = s.scalar(select(Job.request_id).where(Job.id == job_id))
+        delivery = None
+        if request_id is not None:
+            delivery = s.scalar(
+                select(Delivery.delivery_id).where(Delivery.request_id == request_id).limit(1)
+            )
+    return {"job_id": job_id, "request_id": request_id, "delivery_id": delivery}
+
+
+def _execute(runtime: Runtime, job_id: int, owner: str | None) -> Outcome:
     settings, store, notifier = runtime.settings, runtime.store, runtime.ports.notifier
     owner = owner or jobs.worker_id()
     lease = settings.queue.lease_seconds

@@ -232,6 +232,14 @@ class SlackSettings(BaseModel):
     timeout_seconds: float = Field(default=30.0, gt=0, description="Slack Web API call timeout.")
 
 
+class OpsSettings(BaseModel):
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="Log lines of `codeloop serve|web|worker|scheduler`: json, text, or auto "
+        "(text on a terminal, JSON otherwise).",
+    )
+
+
 class TrainingSettings(BaseModel):
     """The learning loop: dataset, LoRA training, the evaluation gate, schedule and serving."""
 
@@ -336,6 +344,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(
         default_factory=TrainingSettings, description="Learning loop: training, gate, schedule."
     )
+    ops: OpsSettings = Field(default_factory=OpsSettings, description="Operations: logs.")
 
     @property
     def database_url(self) -> str:

@@ -41,14 +41,17 @@ def create_app(ctx: WebContext, features: Iterable[Feature]) -> Starlette:
     routes: list[BaseRoute] = [Route("/healthz", _health)]
     for feature in features:
         routes.extend(feature(ctx))
-    app = Starlette(routes=routes)
+    # A feature may add ASGI middleware (bot.metrics times webhook acknowledgements).
+    app = Starlette(routes=routes, middleware=list(ctx.extras.get("middleware", [])))
     app.state.ctx = ctx
     return app
 
 
 def default_features(settings: Settings) -> list[Feature]:
     """The features this process serves, from settings. New features register here."""
-    features: list[Feature] = []
+    from bot import dashboard, metrics
+
+    features: list[Feature] = [metrics.routes]
     if settings.slack.signing_secret is not None and settings.slack.bot_token is not None:
         from bot.slack.app import routes as slack_routes
 
@@ -57,4 +60,6 @@ def default_features(settings: Settings) -> list[Feature]:
         from bot.github import webhook
 
         features.append(webhook.routes)
+    if settings.web.dashboard_token is not None:  # no token: no dashboard
+        features.append(dashboard.routes)
     return features

@@ -230,7 +230,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     parts = {"serve": (True, True, True), "web": (True, False, False),
              "scheduler": (False, False, True)}[args.command]
     web, worker, scheduler = parts
-    return run_service(settings, web=web, worker=worker, scheduler=scheduler)
+    socket_mode = getattr(args, "socket_mode", False)
+    if socket_mode:
+        for name, value in (("APP_TOKEN", settings.slack.app_token),
+                            ("BOT_TOKEN", settings.slack.bot_token)):
+            if value is None:
+                return _fail(f"--socket-mode needs CODELOOP_SLACK__{name} (see README, Slack)")
+    return run_service(settings, web=web, worker=worker, scheduler=scheduler,
+                       socket_mode=socket_mode)
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -521,8 +528,11 @@ def parser() -> argparse.ArgumentParser:
     merge.set_defaults(fn=cmd_merge)
 
     sub.add_parser("worker", help="run queued jobs (huey consumer)").set_defaults(fn=cmd_worker)
-    sub.add_parser("serve", help="web + worker + scheduler in one process (one machine)"
-                   ).set_defaults(fn=cmd_serve)
+    serve = sub.add_parser("serve", help="web + worker + scheduler in one process (one machine)")
+    serve.add_argument("--socket-mode", action="store_true",
+                       help="also receive Slack events over Socket Mode (no public URL needed; "
+                       "needs CODELOOP_SLACK__APP_TOKEN)")
+    serve.set_defaults(fn=cmd_serve)
     sub.add_parser("web", help="the web server: webhooks, Slack events, metrics, dashboard"
                    ).set_defaults(fn=cmd_serve)
     sub.add_parser("scheduler", help="the retraining scheduler (run one)"

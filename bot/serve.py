@@ -45,9 +45,12 @@ def scheduler_runner() -> Callable[[Settings, threading.Event], None] | None:
 class Service:
     """The parts of one process, started together and stopped together."""
 
-    def __init__(self, settings: Settings, *, web: bool, worker: bool, scheduler: bool):
+    def __init__(self, settings: Settings, *, web: bool, worker: bool, scheduler: bool,
+                 socket_mode: bool = False):
         self.settings = settings
-        self.parts = {"web": web, "worker": worker, "scheduler": scheduler}
+        self.parts = {"web": web, "worker": worker, "scheduler": scheduler,
+                      "slack socket mode": socket_mode}
+        self._socket = None
         self.stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
@@ -108,6 +111,13 @@ class Service:
             return
         self._spawn("scheduler", lambda: runner(self.settings, self.stop))
 
+    def _start_socket_mode(self, huey) -> None:
+        """Slack events over a websocket (no public URL): stored and enqueued like HTTP ones."""
+        from bot.slack.app import run_socket_mode
+
+        self._socket = run_socket_mode(self.settings, self.runtime.store,
+                                       huey.codeloop_handle_delivery, block=False)
+
     def _spawn(self, name: str, target: Callable[[], object]) -> None:
         def guarded() -> None:
             try:
@@ -126,16 +136,21 @@ class Service:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
-        huey = self._queue() if (self.parts["web"] or self.parts["worker"]) else None
+        needs_queue = self.parts["web"] or self.parts["worker"] or self.parts["slack socket mode"]
+        huey = self._queue() if needs_queue else None
         if self.parts["worker"]:
             self._start_worker(huey)
         if self.parts["scheduler"]:
             self._start_scheduler()
         if self.parts["web"]:
             self._start_web(huey)
+        if self.parts["slack socket mode"]:
+            self._start_socket_mode(huey)
 
     def shutdown(self) -> None:
         self.stop.set()
+        if self._socket is not None:
+            self._socket.close()
         if self._server is not None:
             self._server.should_exit = True
         if self._consumer is not None:
@@ -188,5 +203,7 @@ class Service:
         return 0 if received else 1
 
 
-def run_service(settings: Settings, *, web: bool, worker: bool, scheduler: bool) -> int:
-    return Service(settings, web=web, worker=worker, scheduler=scheduler).run()
+def run_service(settings: Settings, *, web: bool, worker: bool, scheduler: bool,
+                socket_mode: bool = False) -> int:
+    return Service(settings, web=web, worker=worker, scheduler=scheduler,
+                   socket_mode=socket_mode).run()

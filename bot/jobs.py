@@ -104,23 +104,27 @@ def submit_revision(
     store: Store, *, request_id: int, pull_request_id: int, feedback: str, key: str
 ) -> tuple[int, bool]:
     """A job that revises an open pull request; `key` dedupes (e.g. the review's id)."""
+    return add_job(store, key=key, request_id=request_id, kind="revise",
+                   pull_request_id=pull_request_id, feedback=feedback)
+
+
+def add_job(
+    store: Store, *, key: str, request_id: int, kind: str,
+    pull_request_id: int | None = None, feedback: str | None = None,
+) -> tuple[int, bool]:
+    """A further job for an existing request, once per `key`: (job id, created)."""
     with store.session() as s:
-        existing = s.scalar(select(Job).where(Job.key == key))
+        existing = s.scalar(select(Job.id).where(Job.key == key))
         if existing is not None:
-            return existing.id, False
+            return existing, False
     try:
         with store.session() as s:
-            job = Job(
-                key=key,
-                request_id=request_id,
-                kind="revise",
-                pull_request_id=pull_request_id,
-                feedback=feedback,
-            )
+            job = Job(key=key, request_id=request_id, kind=kind,
+                      pull_request_id=pull_request_id, feedback=feedback)
             s.add(job)
             s.flush()
             return job.id, True
-    except IntegrityError:
+    except IntegrityError:  # a concurrent caller with the same key won the insert
         with store.session() as s:
             return s.scalar(select(Job.id).where(Job.key == key)), False
 

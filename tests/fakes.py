@@ -36,3 +36,25 @@ class ScriptedBackend:
             text=answer, model=self.model_name, prompt_tokens=10,
             completion_tokens=self.count_tokens(answer), seconds=0.0, finish_reason="length",
         )
+
+
+# A correct whole-file answer for the sample repository (bot.demo): adds whisper(text).
+GOOD = '''textutil.py
+```python
+"""Small text helpers."""
+
+
+def slugify(text):
+    """Lower-case words joined by dashes."""
+    return "-".join(text.lower().split())
+
+
+def shout(text):
+    """Upper-case text with an exclamation mark."""
+    return text.upper() + "!"
+
+
+def whisper(text):
+    return text.lower() + "..."
+```
+'''

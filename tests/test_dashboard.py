@@ -24,8 +24,7 @@ from bot.settings import WebSettings
 from bot.store.models import ModelVersion
 from feedback.signals import record_local_review
 from tests.conftest import make_settings
-from tests.fakes import ScriptedBackend
-from tests.test_pipeline import GOOD
+from tests.fakes import GOOD, ScriptedBackend
 
 TOKEN = "dashboard-test-token-5e1"
 CHROMIUM = os.environ.get("CODELOOP_TEST_CHROMIUM", "/usr/bin/chromium")

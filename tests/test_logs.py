@@ -14,8 +14,7 @@ from bot.ports import Generation
 from bot.runtime import build_runtime, execute
 from bot.settings import BackendSettings, GitHubSettings, SlackSettings, WebSettings
 from tests.conftest import make_settings
-from tests.fakes import ScriptedBackend
-from tests.test_pipeline import GOOD
+from tests.fakes import GOOD, ScriptedBackend
 
 SECRETS = {
     "backend": "sk-backend-key-6f1e0c",

@@ -13,8 +13,7 @@ from bot.serve import build_app
 from bot.store.db import Store
 from bot.web import WebContext, create_app
 from feedback.signals import record_local_review
-from tests.fakes import ScriptedBackend
-from tests.test_pipeline import GOOD
+from tests.fakes import GOOD, ScriptedBackend
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple], float]:

@@ -12,27 +12,7 @@ from bot import jobs
 from bot.runtime import build_runtime, execute
 from bot.store.models import EditFormatStat, Job, JobStage, PullRequest, Revision
 from tests.conftest import git_out
-from tests.fakes import ScriptedBackend
-
-GOOD = '''textutil.py
-```python
-"""Small text helpers."""
-
-
-def slugify(text):
-    """Lower-case words joined by dashes."""
-    return "-".join(text.lower().split())
-
-
-def shout(text):
-    """Upper-case text with an exclamation mark."""
-    return text.upper() + "!"
-
-
-def whisper(text):
-    return text.lower() + "..."
-```
-'''
+from tests.fakes import GOOD, ScriptedBackend
 
 
 def branches(repo) -> list[str]:
@@ -117,8 +97,8 @@ def test_failing_tests_are_sent_back_to_the_model(sqlite_settings, sample_repo):
 
 
 def test_hanging_test_command_is_killed_at_the_timeout(tmp_path, sample_repo):
-    from tests.conftest import make_settings
     from bot.settings import PipelineSettings, SandboxSettings
+    from tests.conftest import make_settings
 
     (sample_repo / ".codeloop.yml").write_text("test_command: sleep 600\n")
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "slow"],

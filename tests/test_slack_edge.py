@@ -26,31 +26,12 @@ from bot.store.models import (
     SlackThread,
 )
 from tests.conftest import git_out, make_settings
-from tests.fakes import ScriptedBackend
+from tests.fakes import GOOD, ScriptedBackend
 from tests.slack_harness import ADMIN, ALICE, Harness, final_texts, slack_settings
 from tests.slack_server import SlackAPIServer
 
 LINKED, UNLINKED = "CLINKED", "COTHER"
 
-GOOD = '''textutil.py
-```python
-"""Small text helpers."""
-
-
-def slugify(text):
-    """Lower-case words joined by dashes."""
-    return "-".join(text.lower().split())
-
-
-def shout(text):
-    """Upper-case text with an exclamation mark."""
-    return text.upper() + "!"
-
-
-def whisper(text):
-    return text.lower() + "..."
-```
-'''
 REVISED = GOOD.replace('return text.lower() + "..."', 'return text.lower() + "…"')
 
 

@@ -427,19 +427,5 @@ def thread_request_by_id(store: Store, request_id: int) -> tuple[str, str] | Non
 def _retry_job(store: Store, failed_id: int, request_id: int, kind: str, pr_id: int | None,
                feedback: str | None) -> tuple[int, bool]:
     """One new job per failed job (a second click finds the first retry)."""
-    key = f"retry:{failed_id}"
-    with store.session() as s:
-        found = s.scalar(select(Job.id).where(Job.key == key))
-        if found is not None:
-            return found, False
-    try:
-        with store.session() as s:
-            job = Job(key=key, request_id=request_id, kind=kind, pull_request_id=pr_id,
-                      feedback=feedback)
-            s.add(job)
-            s.flush()
-            return job.id, True
-    except IntegrityError:
-        with store.session() as s:
-            return s.scalar(select(Job.id).where(Job.key == key)), False
-
+    return jobs.add_job(store, key=f"retry:{failed_id}", request_id=request_id, kind=kind,
+                        pull_request_id=pr_id, feedback=feedback)

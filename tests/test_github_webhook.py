@@ -196,7 +196,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(event=st.sampled_from(sorted(events.EVENTS) + ["push"]), payload=json_values)
 def test_parse_never_raises_anything_but_ignored_or_value_error(event, payload):
     try:

@@ -100,7 +100,7 @@ event_like = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(kind=st.sampled_from([events.EVENT, events.COMMAND, events.ACTION, "other"]),
        payload=json_values | st.dictionaries(st.sampled_from(
            ["event", "command", "text", "channel_id", "user_id", "trigger_id", "actions",

@@ -405,7 +405,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                "(`codeloop train --repo PATH` or a schedule).")
         return 0
     rates = registry.version_rates(store)
-    _print(f"{'#':>4}  {'status':10} {'name':34} {'gate':8} {'PRs':>4} {'approved':>8} {'merged':>7}")
+    _print(f"{'#':>4}  {'status':10} {'name':34} {'gate':8} {'PRs':>4} "
+           f"{'approved':>8} {'merged':>7}")
     for v in versions:
         gate = (v["metrics"].get("gate") or {}).get("decision", "-")
         r = rates.get(v["name"], {})
@@ -424,7 +425,9 @@ def cmd_promote(args: argparse.Namespace, settings: Settings) -> int:
         out = registry.promote(settings, store, args.number, actor=_user())
     except (registry.RegistryError, RuntimeError) as exc:
         return _fail(str(exc))
-    prev = f"; version {out['previous_id']} stays loaded for `codeloop rollback`" if out["previous_id"] else ""
+    prev = ""
+    if out["previous_id"]:
+        prev = f"; version {out['previous_id']} stays loaded for `codeloop rollback`"
     _print(f"version {args.number} ({out['version']}) is active: {out['serving']}{prev}")
     return 0
 
@@ -584,7 +587,8 @@ def parser() -> argparse.ArgumentParser:
     promote = sub.add_parser("promote", help="serve model version N (the previous stays loaded)")
     promote.add_argument("number", type=int)
     promote.set_defaults(fn=cmd_promote)
-    sub.add_parser("rollback", help="serve the previous model version again").set_defaults(fn=cmd_rollback)
+    rollback = sub.add_parser("rollback", help="serve the previous model version again")
+    rollback.set_defaults(fn=cmd_rollback)
 
     sched = sub.add_parser("schedule", help="the retraining schedule of a repository")
     sched_sub = sched.add_subparsers(dest="schedule_command", required=True)
@@ -597,9 +601,9 @@ def parser() -> argparse.ArgumentParser:
         one.add_argument("--repo", default=".", help="the repository (default: here)")
     sched.set_defaults(fn=cmd_schedule)
 
-    trainp = sub.add_parser("train", help="build the dataset, train, evaluate and maybe promote now")
+    trainp = sub.add_parser("train", help="build the dataset, train, evaluate, maybe promote")
     trainp.add_argument("--repo", default=".", help="the repository (default: here)")
-    trainp.add_argument("--queue", action="store_true", help="enqueue for `codeloop worker` instead")
+    trainp.add_argument("--queue", action="store_true", help="enqueue for a `codeloop worker`")
     trainp.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     trainp.set_defaults(fn=cmd_train)
     return p

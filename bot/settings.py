@@ -264,7 +264,8 @@ class TrainingSettings(BaseModel):
     batch_size: int = Field(default=1, ge=1, description="Examples per device per step.")
     grad_accum: int = Field(default=8, ge=1, description="Gradient accumulation steps.")
     min_preference_pairs: int = Field(
-        default=50, ge=1, description="DPO runs after SFT when there are this many preference pairs."
+        default=50, ge=1,
+        description="DPO runs after SFT when there are this many preference pairs.",
     )
     min_kto_examples: int = Field(
         default=100, ge=1,

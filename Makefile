@@ -23,7 +23,9 @@ demo: $(STAMP)
 	$(BIN)/codeloop demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	# Two workers: many tests wait on servers and subprocesses; the tests that share one
+	# vLLM server run on one worker (xdist_group "vllm").
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .codeloop demo

@@ -4,12 +4,17 @@ model, real git repositories in temporary directories."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
+from bot import vllm
 from bot.demo import make_sample_repo
 from bot.settings import (
     BackendSettings,
@@ -123,3 +128,68 @@ def cli_env(settings: Settings) -> dict[str, str]:
     if settings.store.url:
         env["CODELOOP_STORE__URL"] = settings.store.url
     return env
+
+
+# ---------------------------------------------------------------- vLLM (tests/test_vllm.py)
+
+SERVED = "smollm2-135m-instruct"  # the embedded model's served name
+START_TIMEOUT = 900  # seconds; a cold start on 2 cores takes a few minutes at most
+
+
+@dataclass
+class Server:
+    base_url: str  # ends in /v1
+    process: Popen
+    log_path: Path
+    start_seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMPool:
+    """One vLLM server for the whole test session (a start costs a minute or more on 2 cores),
+    started on first use and started again if a test killed it."""
+
+    def __init__(self, home: Path, model_dir: Path):
+        self.home, self.model_dir = home, model_dir
+        self.server: Server | None = None
+
+    def get(self) -> Server:
+        if self.server is not None and self.server.process.poll() is None:
+            return self.server
+        vllm.ensure_venv()  # builds it the first time; raises (a test error) if it cannot
+        settings = make_settings(self.home, backend=BackendSettings(kind="openai", model=SERVED))
+        port = free_port()
+        started = time.monotonic()
+        proc = vllm.serve(settings, model_dir=self.model_dir, port=port)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        try:
+            vllm.wait_healthy(base_url, START_TIMEOUT, process=proc)
+        except BaseException:
+            vllm.stop(proc)
+            raise
+        self.server = Server(base_url, proc, proc.log_path, time.monotonic() - started)
+        print(f"\nvLLM healthy after {self.server.start_seconds:.1f} s (log {proc.log_path})")
+        return self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            vllm.stop(self.server.process)
+
+
+@pytest.fixture(scope="session")
+def vllm_pool(tmp_path_factory, embedded_model_dir):
+    pool = VLLMPool(tmp_path_factory.mktemp("vllm-home"), embedded_model_dir)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def vllm_server(vllm_pool):
+    if os.environ.get("CODELOOP_SKIP_VLLM") == "1":
+        pytest.skip("CODELOOP_SKIP_VLLM=1")
+    return vllm_pool.get()

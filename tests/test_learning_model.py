@@ -16,13 +16,13 @@ from bot.settings import BackendSettings, TrainingSettings
 from bot.store.db import Store
 from tests.conftest import make_settings
 from tests.learning_history import make_history
-from tests.test_vllm import backend_for, vllm_server  # noqa: F401 - the vLLM tier's fixture
+from tests.test_vllm import backend_for
 from training import registry
 from training.dataset import build_dataset
 from training.evaluate import decide, load_models, measure
 from training.train import TARGET_MODULES, check_adapter, train
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.xdist_group("vllm")]
 
 ASK = [Message("user", "Write a Python function last_word(text).")]
 

@@ -3,7 +3,8 @@
 The first run builds the vLLM environment with scripts/vllm-venv.sh (minutes, about
 3.5 GB, cached in ~/.cache/codeloop/vllm-venv or $CODELOOP_VLLM_VENV); a failure to build
 it is a test error. CODELOOP_SKIP_VLLM=1 skips the module. One server serves the whole
-module; the test that kills it runs last.
+session (tests/test_learning_model.py uses it too); the test that kills it runs last here,
+and a later user would get a fresh one.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from subprocess import Popen
 
 import pytest
 
@@ -23,49 +21,12 @@ from bot import jobs, vllm
 from bot.ports import BackendError, GenerationParams, Message
 from bot.runtime import build_runtime, execute
 from bot.settings import BackendSettings
-from inference.backends.embedded import EMBEDDED_MODEL_NAME
 from inference.backends.openai_backend import OpenAIBackend
-from tests.conftest import git_out, make_settings
+from tests.conftest import SERVED, Server, free_port, git_out, make_settings
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.xdist_group("vllm")]
 
-SERVED = EMBEDDED_MODEL_NAME
-START_TIMEOUT = 900  # seconds; a cold start on 2 cores takes a few minutes at most
 ASK = [Message("user", "Write a Python function that returns the square of a number.")]
-
-
-@dataclass
-class Server:
-    base_url: str  # ends in /v1
-    process: Popen
-    log_path: Path
-    start_seconds: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory, embedded_model_dir):
-    if os.environ.get("CODELOOP_SKIP_VLLM") == "1":
-        pytest.skip("CODELOOP_SKIP_VLLM=1")
-    vllm.ensure_venv()  # builds it the first time; raises (a test error) if it cannot
-    home = tmp_path_factory.mktemp("vllm-home")
-    settings = make_settings(home, backend=BackendSettings(kind="openai", model=SERVED))
-    port = free_port()
-    started = time.monotonic()
-    proc = vllm.serve(settings, model_dir=embedded_model_dir, port=port)
-    try:
-        base_url = f"http://127.0.0.1:{port}/v1"
-        vllm.wait_healthy(base_url, START_TIMEOUT, process=proc)
-        server = Server(base_url, proc, proc.log_path, time.monotonic() - started)
-        print(f"\nvLLM healthy after {server.start_seconds:.1f} s (log {proc.log_path})")
-        yield server
-    finally:
-        vllm.stop(proc)
 
 
 def test_a_server_that_dies_at_start_is_reported_with_its_log(tmp_path):

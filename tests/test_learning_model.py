@@ -33,7 +33,7 @@ def lora_tensors(adapter_dir: Path) -> dict:
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave modules on a worker
 def trained(tmp_path_factory, embedded_model_dir):
     root = tmp_path_factory.mktemp("learning")
     training = TrainingSettings(max_seq_len=512, holdout_share=0.3, grad_accum=1,

@@ -62,7 +62,14 @@ def plain_sft(model_dir: Path, rows: list[dict], out: Path, examples_seen: int, 
     trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
                          peft_config=lora_config(cfg))
     counter = TokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
+
+    def collate(features):  # report each batch as it is made: known even if its step never ends
+        batch = counter(features)
+        print("PLAIN_BATCH " + json.dumps({"tokens": counter.tokens,
+                                           "positions": counter.positions}), flush=True)
+        return batch
+
+    trainer.data_collator = collate
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -77,6 +84,38 @@ def plain_sft(model_dir: Path, rows: list[dict], out: Path, examples_seen: int, 
             "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16, "note": note}
 
 
+def plain_sft_bounded(model_dir: Path, rows: list[dict], out: Path, examples_seen: int,
+                      cfg, budget: float) -> dict:
+    """plain_sft in a child process, stopped after `budget` seconds. A run cut short reports
+    what it knows: the padding share of the batches it made and an upper bound on tokens/s."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(rows))
+    (out / "cfg.json").write_text(cfg.model_dump_json())
+    cmd = [sys.executable, __file__, str(out), "--plain-child", str(out), str(model_dir),
+           str(examples_seen)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, _ = proc.communicate()
+    seconds = time.perf_counter() - started
+    done = [json.loads(line[12:]) for line in stdout.splitlines() if line.startswith("PLAIN_DONE ")]
+    if done:
+        return done[-1]
+    batches = [json.loads(line[12:]) for line in stdout.splitlines()
+               if line.startswith("PLAIN_BATCH ")]
+    # The first batch only: the data loader may have made the next one while step 1 ran.
+    first = batches[0] if batches else {"tokens": 0, "positions": 0}
+    return {"tokens": first["tokens"], "positions": first["positions"], "seconds": seconds,
+            "steps": 0, "batch": "8 (default)", "gradient_checkpointing": True, "bf16": False,
+            "note": f"defaults, stopped after {budget:.0f} s before its first step ended",
+            "bound": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("repo", type=Path)
@@ -86,7 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="search_replace", choices=["whole", "search_replace"],
                    help="edit format of the answers (whole files rarely fit short sequences)")
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--plain-budget", type=float, default=900,
+                   help="seconds the plain SFTTrainer run may take before it is stopped")
+    p.add_argument("--plain-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.plain_child:
+        out, model_dir, seen = Path(args.plain_child[0]), Path(args.plain_child[1]), \
+            int(args.plain_child[2])
+        cfg = TrainingSettings.model_validate_json((out / "cfg.json").read_text())
+        rows = json.loads((out / "rows.json").read_text())
+        print("PLAIN_DONE " + json.dumps(plain_sft(model_dir, rows, out / "run", seen, cfg)),
+              flush=True)
+        return 0
 
     from inference.backends.embedded import ensure_converted
 
@@ -125,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| metric | base model | after codeloop LoRA |")
     print("|---|---|---|")
     print(f"| held-out mean token loss | {before:.4f} | {after:.4f} |", flush=True)
-    plain = None if args.skip_plain else plain_sft(model_dir, sft_rows(data.sft), work / "plain",
-                                                   seen, cfg)
+    plain = None if args.skip_plain else plain_sft_bounded(
+        model_dir, sft_rows(data.sft), work / "plain", seen, cfg, args.plain_budget)
     print()
     print("| trainer | steps x batch | tokens | seconds | tokens/s | padding share |")
     print("|---|---|---|---|---|---|")
@@ -135,10 +185,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.tokens_per_second:.1f} | {result.padding_share:.1%} |")
     if plain:
         share = 1 - plain["tokens"] / plain["positions"] if plain["positions"] else 0.0
+        rate = plain["tokens"] / plain["seconds"] if plain["seconds"] else 0.0
+        if plain.get("bound"):  # the batch was made (its padding is known), the step not done
+            rate_text, secs = f"< {rate:.1f} (bound)", f"> {plain['seconds']:.0f}"
+        else:
+            rate_text, secs = f"{rate:.1f}", f"{plain['seconds']:.1f}"
         print(f"| TRL SFTTrainer {plain['note']} (gradient checkpointing "
               f"{plain['gradient_checkpointing']}, bf16 {plain['bf16']}) | {plain['steps']} x "
-              f"{plain['batch']} | {plain['tokens']} | {plain['seconds']:.1f} | "
-              f"{plain['tokens'] / plain['seconds']:.1f} | {share:.1%} |")
+              f"{plain['batch']} | {plain['tokens']} | {secs} | {rate_text} | {share:.1%} |")
     return 0
 
 

@@ -31,6 +31,7 @@ import openai
 
 from bot.ports import BackendError, ContextTooLong, Generation, GenerationParams, Message
 from bot.settings import BackendSettings
+from inference.backends import collect
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +134,9 @@ class OpenAIBackend:
     ) -> Generation:
         started = time.perf_counter()
         stats: dict = {}
-        pieces = []
-        for piece in self._run(messages, params, stats):
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
+        text = collect(self._run(messages, params, stats), on_text)
         return Generation(
-            text=params.prefix + "".join(pieces),
+            text=params.prefix + text,
             model=stats.get("model") or params.model or self.model,
             prompt_tokens=stats.get("prompt_tokens", 0),
             completion_tokens=stats.get("completion_tokens", 0),

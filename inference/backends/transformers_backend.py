@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bot.ports import BackendError, ContextTooLong, Generation, GenerationParams, Message
+from inference.backends import collect
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +198,7 @@ class TransformersBackend:
     ) -> Generation:
         started = time.perf_counter()
         stats: dict = {}
-        pieces = []
-        for piece in self._run(messages, params, stats):
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
-        text = "".join(pieces)
+        text = collect(self._run(messages, params, stats), on_text)
         for stop in params.stop:  # stop strings are part of the output in transformers
             cut = text.find(stop)
             if cut >= 0:

@@ -635,7 +635,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = json.loads(body) if body else {}
         except ValueError:
             return self._send(400, {"message": "Problems parsing JSON"})
-        if path == "/app" or path.startswith("/app/") or re.fullmatch(r"/repos/[^/]+/[^/]+/installation", path):
+        installation = re.fullmatch(r"/repos/[^/]+/[^/]+/installation", path)
+        if path == "/app" or path.startswith("/app/") or installation:
             if scheme.lower() != "bearer" or not self.fake.app_jwt_ok(credential):
                 return self._send(401, {"message": "A JSON web token could not be decoded"})
             return self._app(method, path)

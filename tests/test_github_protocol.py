@@ -22,7 +22,7 @@ from bot.store.models import (
     ReviewSignal,
 )
 from tests.fakes import ScriptedBackend
-from tests.github_harness import REPO, make_env, octokit
+from tests.github_harness import make_env, octokit
 from tests.test_github_flow import FILES, GOOD, ISSUE_BODY, ISSUE_TITLE, REVISED, git
 
 THIRD = REVISED.replace("trailing off.", "trailing off (third).")

@@ -201,7 +201,8 @@ def main() -> int:
         store.close()
         from huey import SqliteHuey
 
-        queued = SqliteHuey("codeloop", filename=str(home / "queue.db")).pending_count()
+        queued = SqliteHuey("codeloop-deliveries",
+                            filename=str(home / "queue.db")).pending_count()
 
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} CPUs, load {load[0]:.2f}; store: "

@@ -55,6 +55,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._server = None
         self._consumer = None
+        self._delivery_consumer = None
         self.runtime = None
 
     # -- parts -----------------------------------------------------------------
@@ -68,9 +69,11 @@ class Service:
         return build_queue(self.settings, lambda: runtime)
 
     def _start_worker(self, huey) -> None:
-        from bot.runtime import recover
+        from bot.runtime import recover, start_delivery_consumer
 
         recover(self.runtime, huey.codeloop_run_job)
+        # Deliveries (clicks, commands, replies, webhooks) on their own queue and threads.
+        self._delivery_consumer = start_delivery_consumer(huey)
         consumer = huey.create_consumer(
             workers=self.settings.queue.workers, worker_type="thread", periodic=True,
             check_worker_health=True,
@@ -156,6 +159,8 @@ class Service:
         if self._consumer is not None:
             # Take no new task; a running job keeps its lease and is resumed by recovery.
             self._consumer.stop_flag.set()
+        if self._delivery_consumer is not None:
+            self._delivery_consumer.stop_flag.set()
         for thread in self._threads:
             if thread.name in ("web", "scheduler"):
                 thread.join(timeout=15)

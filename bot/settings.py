@@ -220,6 +220,11 @@ class SlackSettings(BaseModel):
     github_logins: dict[str, str] = Field(
         default_factory=dict, description="Slack user id → GitHub login, to mention requesters."
     )
+    revisers: list[str] = Field(
+        default_factory=list,
+        description="Slack user ids whose replies in any codeloop thread revise its pull "
+        "request (besides the requester and admins); others revise only by mentioning the bot.",
+    )
     update_interval_seconds: float = Field(
         default=2.0,
         ge=0,

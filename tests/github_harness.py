@@ -85,15 +85,24 @@ class GitHubEnv:
         return self.client.post("/github/webhook", content=body, headers=headers)
 
     def work(self, limit: int = 50) -> int:
-        """Run queued tasks as a worker would (handle_delivery, run_job), until none is left."""
+        """Run queued tasks as a worker would, until none is left: deliveries first (their
+        own queue and consumer), then jobs."""
         done = 0
         while done < limit:
-            task = self.huey.dequeue()
-            if task is None:
+            for queue in (self.huey.codeloop_deliveries, self.huey):
+                task = queue.dequeue()
+                if task is not None:
+                    queue.execute(task)
+                    done += 1
+                    break
+            else:
                 return done
-            self.huey.execute(task)
-            done += 1
         raise AssertionError("the queue did not drain")
+
+    def handle_next_delivery(self) -> None:
+        """One delivery from the deliveries queue, as its consumer would take it."""
+        queue = self.huey.codeloop_deliveries
+        queue.execute(queue.dequeue())
 
     def close(self) -> None:
         self.client.close()

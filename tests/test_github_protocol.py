@@ -333,12 +333,13 @@ def test_a_mention_in_a_line_comment_starts_a_revision(env_db):
 def test_a_follow_up_while_the_job_is_queued_is_answered(env):
     issue = env.fake.open_issue(env.repo, ISSUE_TITLE, ISSUE_BODY, "alice")
     env.deliver("issues", labeled(env, issue, "codeloop", "alice"))
-    env.huey.execute(env.huey.dequeue())  # the label is handled; its job is queued
-    job_task = env.huey.dequeue()  # ... and not yet run
+    env.handle_next_delivery()  # the label is handled; its job waits on the jobs queue
     cid = env.fake.add_comment(env.repo, issue, "@codeloop also handle empty strings", "alice")
     env.deliver("issue_comment", commented(env, issue, cid), "d-follow")
+    env.handle_next_delivery()  # deliveries have their own consumer: answered before the job
+    with env.runtime.store.session() as s:
+        assert s.scalar(select(Job.state)) == "queued"
     env.work()
-    env.huey.execute(job_task)
     said = [c["body"] for c in env.fake.comments_on(env.repo, issue)
             if c["user"] == "codeloop[bot]" and "still working" in c["body"]]
     assert len(said) == 1 and "@alice" in said[0] and "job 1" in said[0]

@@ -34,7 +34,7 @@ def test_messages_mentions_and_thread_replies():
     assert ask == Ask(via="message", channel="C1", user="U1", text="add a --verbose flag",
                       repo=None, ts="1.5", thread_ts=None, key="C1:1.5")
     mention = events.parse(events.EVENT, _event(
-        type="app_mention", text="<@UBOT> add x &amp; y repo=acme/api"))
+        type="app_mention", text="<@UCODELOOP> add x &amp; y repo=acme/api"))
     assert (mention.via, mention.text, mention.repo, mention.key) == (
         "mention", "add x & y", "acme/api", "C1:1.5")
     reply = events.parse(events.EVENT, _event(thread_ts="1.0", text="use a real ellipsis"))

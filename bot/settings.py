@@ -235,6 +235,11 @@ class SlackSettings(BaseModel):
         default=3, ge=0, description="Retries of a Web API call Slack answered `ratelimited` (429)."
     )
     timeout_seconds: float = Field(default=30.0, gt=0, description="Slack Web API call timeout.")
+    auth_retry_seconds: float = Field(
+        default=30.0, gt=0,
+        description="While Slack's auth.test fails (Slack unreachable at start), the web "
+        "server runs degraded and asks again this often.",
+    )
 
 
 class OpsSettings(BaseModel):

@@ -15,26 +15,19 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
-import pytest
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from bot.slack import signing
 from bot.slack.events import CANCEL_ACTION
 from bot.slack.messages import JobView, failed
-from bot.store.models import Delivery, Job, Request, ReviewSignal
+from bot.store.models import Delivery, Request, ReviewSignal
 from tests.fakes import GOOD, ScriptedBackend
 from tests.slack_harness import ADMIN, ALICE, SECRET
 from tests.slack_server import BOT_USER
-from tests.test_slack_edge import (  # noqa: F401 - fixtures
-    LINKED,
-    REVISED,
-    UNLINKED,
-    GatedBackend,
-    harness_factory,
-    repo,
-    slack_api,
-)
+from tests.test_slack_edge import LINKED, REVISED, UNLINKED, GatedBackend
+
+pytest_plugins = ["tests.slack_fixtures"]  # harness_factory, repo, slack_api
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slack"
 BOB = "UBOB"
@@ -307,8 +300,3 @@ def store_count(store) -> int:
     with store.session() as s:
         return len(s.scalars(select(Delivery.id)).all())
 
-
-@pytest.fixture(autouse=True)
-def _no_leftover_jobs():
-    yield
-    _ = Job  # jobs are awaited inside each test; nothing runs past it

@@ -87,6 +87,7 @@ class GitHubEnv:
     def work(self, limit: int = 50) -> int:
         """Run queued tasks as a worker would, until none is left: deliveries first (their
         own queue and consumer), then jobs."""
+        self.client.app.state.ctx.recorder.drain()  # enqueues follow the answer by a moment
         done = 0
         while done < limit:
             for queue in (self.huey.codeloop_deliveries, self.huey):
@@ -101,6 +102,7 @@ class GitHubEnv:
 
     def handle_next_delivery(self) -> None:
         """One delivery from the deliveries queue, as its consumer would take it."""
+        self.client.app.state.ctx.recorder.drain()
         queue = self.huey.codeloop_deliveries
         queue.execute(queue.dequeue())
 

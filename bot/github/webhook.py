@@ -11,13 +11,13 @@ body is `payload=<url-encoded JSON>` (the signature covers that raw body).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 from urllib.parse import parse_qs
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
@@ -89,17 +89,13 @@ def routes(ctx) -> list[BaseRoute]:
             return JSONResponse({"ignored": f"codeloop does not use {event} events"})
         action = payload.get("action")
         name = f"{event}.{action}" if isinstance(action, str) else event
-        recorded = await run_in_threadpool(
-            deliveries.record,
-            ctx.store,
-            source="github",
-            delivery_id=delivery_id,
-            event=name[:100],
-            payload=payload,
-        )
+        # Stored (committed with whatever else arrived at the same moment) before the answer;
+        # the recorder enqueues it for the worker right after.
+        recorded: deliveries.Recorded = await asyncio.wrap_future(ctx.recorder.submit(
+            source="github", delivery_id=delivery_id, event=name[:100], payload=payload,
+        ))
         if not recorded.enqueue:
             return JSONResponse({"delivery": recorded.id, "duplicate": True})
-        await run_in_threadpool(ctx.enqueue_delivery, recorded.id)
         if recorded.retry:  # "Redeliver" of a delivery that failed or was never handled
             return JSONResponse({"delivery": recorded.id, "retry": True}, status_code=202)
         return JSONResponse({"delivery": recorded.id}, status_code=202)

@@ -133,6 +133,7 @@ def build_app(
     socket_mode: bool = False,
     bot_identity: BotIdentity | None = None,
     identity: SlackIdentity | None = None,
+    recorder: deliveries.Recorder | None = None,
 ) -> App:
     """A Bolt app whose listeners store the delivery and enqueue it, then acknowledge.
 
@@ -168,12 +169,14 @@ def build_app(
     def recorder(kind: str) -> Callable:
         def listener(ack, body: dict) -> None:
             payload = {k: v for k, v in body.items() if k != "token"}  # legacy verification token
-            rec = deliveries.record(
-                store, source="slack", delivery_id=events.delivery_id(kind, payload),
-                event=kind, payload=payload,
-            )
-            if rec.created:
-                enqueue_delivery(rec.id)
+            key = events.delivery_id(kind, payload)
+            if recorder is not None:  # stored with the others arriving now; enqueued after
+                recorder.record(source="slack", delivery_id=key, event=kind, payload=payload)
+            else:
+                rec = deliveries.record(store, source="slack", delivery_id=key, event=kind,
+                                        payload=payload)
+                if rec.enqueue:
+                    enqueue_delivery(rec.id)
             ack()
 
         return listener
@@ -232,7 +235,7 @@ def routes(ctx) -> list:
         return []
     app = build_app(settings, ctx.store, ctx.enqueue_delivery,
                     client=ctx.extras.get("slack_client"),
-                    bot_identity=ctx.extras.get("slack_bot_identity"))
+                    bot_identity=ctx.extras.get("slack_bot_identity"), recorder=ctx.recorder)
     identity: SlackIdentity = app.codeloop_identity
     ctx.extras.setdefault("degraded", {})["slack"] = lambda: identity.problem
     verifier = SignatureVerifier(settings.slack.signing_secret.get_secret_value())

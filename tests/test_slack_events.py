@@ -175,6 +175,7 @@ def test_the_web_route_needs_no_slack_api_when_the_bot_identity_is_given(tmp_pat
     assert (ok.status_code, bad.status_code) == (200, 401)
     with store.session() as s:
         assert s.query(Delivery).count() == 1
+    ctx.recorder.drain()  # the enqueue follows the answer
     assert len(queued) == 1
     store.close()
 

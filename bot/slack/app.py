@@ -166,7 +166,7 @@ def build_app(
     )
     app.codeloop_identity = identity  # type: ignore[attr-defined]
 
-    def recorder(kind: str) -> Callable:
+    def listener_for(kind: str) -> Callable:
         def listener(ack, body: dict) -> None:
             payload = {k: v for k, v in body.items() if k != "token"}  # legacy verification token
             key = events.delivery_id(kind, payload)
@@ -182,10 +182,10 @@ def build_app(
         return listener
 
     for name in events.SUBSCRIBED_EVENTS:
-        app.event(name)(recorder(events.EVENT))
-    app.command(events.COMMAND_NAME)(recorder(events.COMMAND))
+        app.event(name)(listener_for(events.EVENT))
+    app.command(events.COMMAND_NAME)(listener_for(events.COMMAND))
     for action_id in events.ACTIONS:
-        app.action(action_id)(recorder(events.ACTION))
+        app.action(action_id)(listener_for(events.ACTION))
 
     def not_ours(ack, body: dict) -> None:  # another app's button in a shared message
         ack()

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +67,12 @@ def serve(home: Path, db_url: str | None, port: int) -> None:
     ctx = WebContext(settings=settings, store=store, enqueue_delivery=huey.codeloop_handle_delivery,
                      extras={"slack_bot_identity": BotIdentity("UBENCHBOT", "BBENCHBOT")})
     app = create_app(ctx, default_features(settings))
+    # uvicorn re-raises SIGTERM after its graceful shutdown, to the handler it found: make
+    # that a no-op, so the enqueues still in flight are drained below before exiting.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    if ctx.recorder is not None:  # enqueues follow the answers; let the last ones land
+        ctx.recorder.drain(timeout=60)
 
 
 # ---------------------------------------------------------------- the load
@@ -215,7 +221,8 @@ def main() -> int:
                              len(plan) / wall, cpu / len(plan) * 1000, bad))
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            server.wait(timeout=90)
+            log_tail = server.stdout.read()[-2000:] if server.stdout else ""
 
         store = Store(settings_for(home, db_url).database_url)
         with store.session() as s:
@@ -241,6 +248,8 @@ def main() -> int:
           f"({by_source.get('github', 0)} GitHub, {by_source.get('slack', 0)} Slack); "
           f"handle tasks enqueued: {queued}")
     ok = not bad_total and stored == unique_total and queued == stored
+    if not ok and log_tail.strip():
+        print("server log (tail):\n" + log_tail)
     print("every delivery stored exactly once and enqueued once: " + ("yes" if ok else "NO"))
     return 0 if ok else 1
 

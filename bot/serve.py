@@ -33,6 +33,14 @@ def build_app(settings: Settings, store, enqueue_delivery: Callable[[int], objec
     return create_app(ctx, default_features(settings))
 
 
+def drain_deliveries(app, timeout: float = 10.0) -> None:
+    """Hand the deliveries answered last to the queue before the process ends (the recovery
+    sweep would find them a minute later otherwise)."""
+    recorder = getattr(getattr(getattr(app, "state", None), "ctx", None), "recorder", None)
+    if recorder is not None:
+        recorder.drain(timeout)
+
+
 def scheduler_runner() -> Callable[[Settings, threading.Event], None] | None:
     """training.schedule.run_scheduler when this build has the learning loop, else None."""
     try:
@@ -104,6 +112,7 @@ class Service:
             access_log=False, lifespan="off", timeout_graceful_shutdown=10,
         )
         self._server = uvicorn.Server(config)
+        self._app = app
         # In a thread, uvicorn leaves the signal handlers to this service.
         self._spawn("web", self._server.run)
 
@@ -164,6 +173,8 @@ class Service:
         for thread in self._threads:
             if thread.name in ("web", "scheduler"):
                 thread.join(timeout=15)
+        if getattr(self, "_app", None) is not None:
+            drain_deliveries(self._app)
         running = self._running_jobs()
         if running:
             log.info("stopping with job(s) %s running: they resume from their last finished "

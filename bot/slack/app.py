@@ -20,6 +20,7 @@ serves, Slack events are still stored, and `/readyz` says Slack is degraded unti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -194,6 +195,33 @@ def build_app(
     return app
 
 
+def edge_kind(payload: dict, me: BotIdentity | None) -> str | None:
+    """What the edge does with a verified, parsed request: store it as a delivery of this
+    kind (events.EVENT / COMMAND / ACTION), acknowledge it only (None: handshakes, the bot's
+    own messages, events, commands and buttons that are not codeloop's), or "bolt" (a
+    request type codeloop has no listener for; Bolt answers it as it always has)."""
+    kind = payload.get("type")
+    if payload.get("ssl_check") is not None or kind == "url_verification":
+        return None
+    if kind == "event_callback":
+        event = payload.get("event")
+        if not isinstance(event, dict) or event.get("type") not in events.SUBSCRIBED_EVENTS:
+            return None
+        if me is not None and ((me.bot_id and event.get("bot_id") == me.bot_id)
+                               or (me.user_id and event.get("user") == me.user_id)):
+            return None  # the bot's own messages (Bolt's "ignoring self events")
+        return events.EVENT
+    if "command" in payload and kind is None:
+        return events.COMMAND if payload.get("command") == events.COMMAND_NAME else None
+    if kind == "block_actions":
+        actions = payload.get("actions")
+        first = actions[0] if isinstance(actions, list) and actions else None
+        if isinstance(first, dict) and first.get("action_id") in events.ACTIONS:
+            return events.ACTION
+        return None  # another app's button
+    return "bolt"
+
+
 class BadRequest(ValueError):
     """A request that passed the signature check but is not one Slack sends."""
 
@@ -228,7 +256,7 @@ def routes(ctx) -> list:
     from starlette.routing import Route
 
     from slack_sdk.signature import SignatureVerifier
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, Response
 
     settings: Settings = ctx.settings
     if settings.slack.signing_secret is None or settings.slack.bot_token is None:
@@ -263,9 +291,20 @@ def routes(ctx) -> list:
             log.warning("slack: Slack is dropping this app's events (app_rate_limited, minute "
                         "%s); they are not redelivered", payload.get("minute_rate_limited"))
             return JSONResponse({"ok": True})
-        # Bolt is synchronous (one INSERT): run it off the event loop.
-        response = await run_in_threadpool(app.dispatch, to_bolt_request(request, body))
-        return to_starlette_response(response)
+        kind = edge_kind(payload, identity.identity)
+        if kind is None:  # Slack's handshakes and everything codeloop does not subscribe to
+            if payload.get("type") == "url_verification":
+                return JSONResponse({"challenge": str(payload.get("challenge", ""))})
+            return Response(status_code=200)
+        if kind == "bolt":  # anything else Slack may send: Bolt's own answer
+            response = await run_in_threadpool(app.dispatch, to_bolt_request(request, body))
+            return to_starlette_response(response)
+        # The common case, without Bolt's middleware and a thread hop: store, then answer.
+        stored = {k: v for k, v in payload.items() if k != "token"}  # legacy verification token
+        await asyncio.wrap_future(ctx.recorder.submit(
+            source="slack", delivery_id=events.delivery_id(kind, stored), event=kind,
+            payload=stored))
+        return Response(status_code=200)
 
     return [Route(EVENTS_PATH, slack_events, methods=["POST"])]
 

@@ -1,14 +1,17 @@
 """Ingress under a burst: GitHub webhook deliveries and Slack events, signed, over HTTP.
 
-    .venv/bin/python bench/ingress.py [--deliveries 1000] [--concurrency 16] [--duplicates 0.05]
+    .venv/bin/python bench/ingress.py [--deliveries 400] [--levels 1,4,16] [--duplicates 0.05]
                                       [--db postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
 The real web app (bot.web.create_app with the GitHub and Slack features) runs in its own
 process under uvicorn, with the real store and a real huey queue (SQLite file); this process
-sends the burst from `--concurrency` threads, GitHub and Slack mixed half and half, plus a
-share of redeliveries (the same X-GitHub-Delivery / event_id again, as both services do on
-a timeout). Prints acknowledgement latency p50/p99 per source, deliveries per second, and
-checks that every delivery is stored exactly once and enqueued exactly once.
+sends `--deliveries` requests at each concurrency level (1, 4 and 16 client threads by
+default), GitHub and Slack mixed half and half, plus a share of redeliveries (the same
+X-GitHub-Delivery / event_id again, as both services do on a timeout). For each level it
+prints acknowledgement latency p50/p99/max, deliveries per second, and the server's own CPU
+time per delivery (user + system time of the server process, all threads, from /proc): the
+work one acknowledgement costs, apart from the clients. Then it checks that every delivery
+is stored exactly once and enqueued exactly once.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,7 +67,12 @@ def serve(home: Path, db_url: str | None, port: int) -> None:
     ctx = WebContext(settings=settings, store=store, enqueue_delivery=huey.codeloop_handle_delivery,
                      extras={"slack_bot_identity": BotIdentity("UBENCHBOT", "BBENCHBOT")})
     app = create_app(ctx, default_features(settings))
+    # uvicorn re-raises SIGTERM after its graceful shutdown, to the handler it found: make
+    # that a no-op, so the enqueues still in flight are drained below before exiting.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    if ctx.recorder is not None:  # enqueues follow the answers; let the last ones land
+        ctx.recorder.drain(timeout=60)
 
 
 # ---------------------------------------------------------------- the load
@@ -112,11 +120,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deliveries", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--deliveries", type=int, default=400, help="unique deliveries per level")
+    parser.add_argument("--levels", default="1,4,16", help="client threads, one run per level")
     parser.add_argument("--duplicates", type=float, default=0.05,
                         help="share of deliveries sent a second time (redeliveries)")
     parser.add_argument("--db", default=None, help="database URL (default: a SQLite file)")
@@ -132,6 +146,10 @@ def main() -> int:
     from bot.store.db import Store
     from bot.store.models import Delivery
 
+    levels = [int(x) for x in args.levels.split(",")]
+    rows: list[tuple] = []
+    bad_total = 0
+    unique_total = 0
     with tempfile.TemporaryDirectory(prefix="codeloop-bench-ingress-") as tmp:
         home = Path(tmp)
         db_url = args.db
@@ -165,33 +183,46 @@ def main() -> int:
                 time.sleep(0.1)
 
             random.seed(7)
-            unique = [github_delivery(i) if i % 2 == 0 else slack_event(i)
-                      for i in range(args.deliveries)]
-            repeats = random.sample(unique, int(len(unique) * args.duplicates))
-            plan = unique + repeats
-            random.shuffle(plan)
-            results: list[tuple[str, float, int]] = []
-            lock = threading.Lock()
-            local = threading.local()
+            counter = iter(range(10**9))
+            for level in levels:
+                unique = []
+                for _ in range(args.deliveries):
+                    i = next(counter)
+                    unique.append(github_delivery(i) if i % 2 == 0 else slack_event(i))
+                repeats = random.sample(unique, int(len(unique) * args.duplicates))
+                plan = unique + repeats
+                random.shuffle(plan)
+                unique_total += len(unique)
+                results: list[tuple[str, float, int]] = []
+                lock = threading.Lock()
+                local = threading.local()
 
-            def send(item) -> None:
-                client = getattr(local, "client", None)
-                if client is None:
-                    client = local.client = httpx.Client(base_url=base, timeout=30)
-                path, body, headers = item
+                def send(item) -> None:
+                    client = getattr(local, "client", None)
+                    if client is None:
+                        client = local.client = httpx.Client(base_url=base, timeout=30)
+                    path, body, headers = item
+                    started = time.perf_counter()
+                    status = client.post(path, content=body, headers=headers).status_code
+                    elapsed = (time.perf_counter() - started) * 1000
+                    with lock:
+                        results.append((path.split("/")[1], elapsed, status))
+
+                cpu0 = server_cpu_seconds(server.pid)
                 started = time.perf_counter()
-                status = client.post(path, content=body, headers=headers).status_code
-                elapsed = (time.perf_counter() - started) * 1000
-                with lock:
-                    results.append((path.split("/")[1], elapsed, status))
-
-            started = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                list(pool.map(send, plan))
-            wall = time.perf_counter() - started
+                with ThreadPoolExecutor(level) as pool:
+                    list(pool.map(send, plan))
+                wall = time.perf_counter() - started
+                cpu = server_cpu_seconds(server.pid) - cpu0
+                lat = [ms for _, ms, _ in results]
+                bad = sum(1 for r in results if r[2] >= 400)
+                bad_total += bad
+                rows.append((level, percentile(lat, 50), percentile(lat, 99), max(lat),
+                             len(plan) / wall, cpu / len(plan) * 1000, bad))
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            server.wait(timeout=90)
+            log_tail = server.stdout.read()[-2000:] if server.stdout else ""
 
         store = Store(settings_for(home, db_url).database_url)
         with store.session() as s:
@@ -201,34 +232,24 @@ def main() -> int:
         store.close()
         from huey import SqliteHuey
 
-        queued = SqliteHuey("codeloop", filename=str(home / "queue.db")).pending_count()
+        queued = sum(SqliteHuey(name, filename=str(home / "queue.db")).pending_count()
+                     for name in ("codeloop", "codeloop-deliveries"))
 
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} CPUs, load {load[0]:.2f}; store: "
           f"{'PostgreSQL' if db_url else 'SQLite'}; queue: huey on SQLite; "
-          f"{args.concurrency} client threads")
-    print(f"| {'measure':<44} | {'value':>22} |")
-    print(f"|{'-' * 46}|{'-' * 24}|")
-
-    def line(name: str, value: str) -> None:
-        print(f"| {name:<44} | {value:>22} |")
-
-    bad = [r for r in results if r[2] >= 400]
-    for source in ("github", "slack"):
-        lat = [ms for src, ms, _ in results if src == source]
-        line(f"{source}: acknowledgement p50 / p99",
-             f"{percentile(lat, 50):.1f} / {percentile(lat, 99):.1f} ms")
-    lat = [ms for _, ms, _ in results]
-    line("all: acknowledgement p50 / p99 / max",
-         f"{percentile(lat, 50):.1f} / {percentile(lat, 99):.1f} / {max(lat):.0f} ms")
-    line("requests sent (unique + redeliveries)", f"{len(plan)} ({len(unique)} + {len(repeats)})")
-    line("deliveries per second", f"{len(plan) / wall:.0f}/s")
-    line("answered with an error (>= 400)", str(len(bad)))
-    line("deliveries stored (must equal unique sent)",
-         f"{stored} of {len(unique)} ({by_source.get('github', 0)} GitHub, "
-         f"{by_source.get('slack', 0)} Slack)")
-    line("handle tasks enqueued (must equal stored)", str(queued))
-    ok = not bad and stored == len(unique) and queued == stored
+          f"{args.deliveries} deliveries (+{args.duplicates:.0%} redeliveries) per level")
+    print("| clients | p50 ms | p99 ms | max ms | deliveries/s | server CPU ms/delivery | errors |")
+    print("|--------:|-------:|-------:|-------:|-------------:|-----------------------:|-------:|")
+    for level, p50, p99, worst, rate, cpu_ms, bad in rows:
+        print(f"| {level:>7} | {p50:>6.1f} | {p99:>6.1f} | {worst:>6.0f} | {rate:>12.0f} "
+              f"| {cpu_ms:>22.2f} | {bad:>6} |")
+    print(f"deliveries stored: {stored} of {unique_total} unique "
+          f"({by_source.get('github', 0)} GitHub, {by_source.get('slack', 0)} Slack); "
+          f"handle tasks enqueued: {queued}")
+    ok = not bad_total and stored == unique_total and queued == stored
+    if not ok and log_tail.strip():
+        print("server log (tail):\n" + log_tail)
     print("every delivery stored exactly once and enqueued once: " + ("yes" if ok else "NO"))
     return 0 if ok else 1
 

@@ -205,7 +205,7 @@ def cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.runtime import build_queue, build_runtime, recover
+    from bot.runtime import build_queue, build_runtime, recover, start_delivery_consumer
 
     problem = sandbox_problem(settings)
     if problem:
@@ -215,11 +215,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _report_model_server(settings)
     # Jobs whose worker died (on this host) resume at once; others when their lease ends.
     recover(runtime, huey.codeloop_run_job)
+    logging.getLogger("huey").setLevel(logging.WARNING)
+    deliveries_consumer = start_delivery_consumer(huey)  # clicks and replies never wait on jobs
     consumer = huey.create_consumer(
         workers=settings.queue.workers, worker_type="thread", periodic=True, check_worker_health=True
     )
-    logging.getLogger("huey").setLevel(logging.WARNING)
-    consumer.run()
+    try:
+        consumer.run()
+    finally:
+        deliveries_consumer.stop()
     return 0
 
 

@@ -193,7 +193,10 @@ def check_slack_token(settings: Settings, timeout: float = 5.0) -> Check:
                      "CODELOOP_SLACK__BOT_TOKEN to the app's current Bot User OAuth Token (xoxb-…)")
     except Exception as exc:  # noqa: BLE001 - network errors
         return Check("slack token", "fail", f"cannot reach the Slack API at {s.api_url} "
-                     f"({_err(exc)}) — check the network or CODELOOP_SLACK__API_URL")
+                     f"({_err(exc)}) — check the network or CODELOOP_SLACK__API_URL; until it "
+                     "answers, `codeloop web` runs with Slack degraded (events are stored, "
+                     "/readyz says so) and asks again every "
+                     f"{s.auth_retry_seconds:g} s")
     return Check("slack token", "ok", f"bot {answer.get('user')} in workspace {answer.get('team')}")
 
 

@@ -286,6 +286,13 @@ def routes(ctx) -> list[BaseRoute]:
 
     def ready(_request: Request) -> JSONResponse:
         ok, detail = readiness(ctx.store)
-        return JSONResponse({"ready": ok, "detail": detail}, status_code=200 if ok else 503)
+        body: dict = {"ready": ok, "detail": detail}
+        # A part that cannot reach its peer (Slack's Web API) runs degraded: still ready
+        # (the other parts serve), but said here.
+        degraded = {name: problem() for name, problem in ctx.extras.get("degraded", {}).items()}
+        degraded = {name: why for name, why in degraded.items() if why}
+        if degraded:
+            body["degraded"] = degraded
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return [Route("/metrics", scrape), Route("/readyz", ready)]

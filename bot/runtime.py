@@ -267,17 +267,38 @@ def _execute(runtime: Runtime, job_id: int, owner: str | None) -> Outcome:
 # ---------------------------------------------------------------- the queue (huey)
 
 
-def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
-    """A huey instance with codeloop's tasks registered. SQLite by default, Redis by URL."""
-    from huey import RedisHuey, SqliteHuey, crontab
+# Threads of the deliveries consumer in each worker process (see build_queue).
+DELIVERY_WORKERS = 2
+
+
+def _huey(settings: Settings, name: str):
+    from huey import RedisHuey, SqliteHuey
 
     url = settings.queue.url
     if url and url.startswith("redis"):
-        huey = RedisHuey("codeloop", url=url)
-    else:
-        path = settings.home / "queue.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        huey = SqliteHuey("codeloop", filename=str(path))
+        return RedisHuey(name, url=url)
+    path = settings.home / "queue.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteHuey(name, filename=str(path))
+
+
+def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
+    """codeloop's queues, with its tasks registered. SQLite by default, Redis by URL.
+
+    Two queues, so that answering people never waits behind generation:
+    - `codeloop` (the returned huey): jobs (`codeloop.run_job`, minutes each), training
+      runs and the periodic recovery sweep, consumed by `queue.workers` threads;
+    - `codeloop-deliveries` (`huey.codeloop_deliveries`): stored deliveries from GitHub and
+      Slack (`codeloop.handle_delivery`): button clicks, slash commands, replies, "Queued
+      as", status, help and refusals. A delivery handler never generates (it decides, writes
+      rows, answers and enqueues a job), so each takes milliseconds to a few API calls; its
+      own consumer (`start_delivery_consumer`, DELIVERY_WORKERS threads in every worker
+      process) means a Cancel click is handled while the job it cancels is still running.
+    """
+    from huey import crontab
+
+    huey = _huey(settings, "codeloop")
+    interactive = _huey(settings, "codeloop-deliveries")
 
     state: dict = {}
     lock = threading.Lock()
@@ -296,7 +317,7 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
             run_job_task.schedule(args=(job_id,), delay=outcome.retry_in)
         return outcome.state
 
-    @huey.task(name="codeloop.handle_delivery")
+    @interactive.task(name="codeloop.handle_delivery")
     def handle_delivery_task(delivery_pk: int) -> str:
         rt = runtime()
         return deliveries.handle(rt.store, delivery_pk, rt.delivery_handlers)
@@ -322,7 +343,19 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
     huey.codeloop_train = train_task  # type: ignore[attr-defined]
     huey.codeloop_handle_delivery = handle_delivery_task  # type: ignore[attr-defined]
     huey.codeloop_runtime = runtime  # type: ignore[attr-defined]
+    huey.codeloop_deliveries = interactive  # type: ignore[attr-defined]
     return huey
+
+
+def start_delivery_consumer(huey, workers: int = DELIVERY_WORKERS):
+    """Start the consumer of the deliveries queue in this process (threads); returns it.
+
+    Call `.stop()` on it at shutdown. It runs no periodic task (the jobs consumer does)."""
+    consumer = huey.codeloop_deliveries.create_consumer(
+        workers=workers, worker_type="thread", periodic=False, check_worker_health=False
+    )
+    consumer.start()
+    return consumer
 
 
 def recover(runtime: Runtime, enqueue: Callable[[int], object]) -> int:

@@ -33,6 +33,14 @@ def build_app(settings: Settings, store, enqueue_delivery: Callable[[int], objec
     return create_app(ctx, default_features(settings))
 
 
+def drain_deliveries(app, timeout: float = 10.0) -> None:
+    """Hand the deliveries answered last to the queue before the process ends (the recovery
+    sweep would find them a minute later otherwise)."""
+    recorder = getattr(getattr(getattr(app, "state", None), "ctx", None), "recorder", None)
+    if recorder is not None:
+        recorder.drain(timeout)
+
+
 def scheduler_runner() -> Callable[[Settings, threading.Event], None] | None:
     """training.schedule.run_scheduler when this build has the learning loop, else None."""
     try:
@@ -55,6 +63,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._server = None
         self._consumer = None
+        self._delivery_consumer = None
         self.runtime = None
 
     # -- parts -----------------------------------------------------------------
@@ -68,9 +77,11 @@ class Service:
         return build_queue(self.settings, lambda: runtime)
 
     def _start_worker(self, huey) -> None:
-        from bot.runtime import recover
+        from bot.runtime import recover, start_delivery_consumer
 
         recover(self.runtime, huey.codeloop_run_job)
+        # Deliveries (clicks, commands, replies, webhooks) on their own queue and threads.
+        self._delivery_consumer = start_delivery_consumer(huey)
         consumer = huey.create_consumer(
             workers=self.settings.queue.workers, worker_type="thread", periodic=True,
             check_worker_health=True,
@@ -101,6 +112,7 @@ class Service:
             access_log=False, lifespan="off", timeout_graceful_shutdown=10,
         )
         self._server = uvicorn.Server(config)
+        self._app = app
         # In a thread, uvicorn leaves the signal handlers to this service.
         self._spawn("web", self._server.run)
 
@@ -156,9 +168,13 @@ class Service:
         if self._consumer is not None:
             # Take no new task; a running job keeps its lease and is resumed by recovery.
             self._consumer.stop_flag.set()
+        if self._delivery_consumer is not None:
+            self._delivery_consumer.stop_flag.set()
         for thread in self._threads:
             if thread.name in ("web", "scheduler"):
                 thread.join(timeout=15)
+        if getattr(self, "_app", None) is not None:
+            drain_deliveries(self._app)
         running = self._running_jobs()
         if running:
             log.info("stopping with job(s) %s running: they resume from their last finished "

@@ -237,6 +237,11 @@ class SlackSettings(BaseModel):
     github_logins: dict[str, str] = Field(
         default_factory=dict, description="Slack user id → GitHub login, to mention requesters."
     )
+    revisers: list[str] = Field(
+        default_factory=list,
+        description="Slack user ids whose replies in any codeloop thread revise its pull "
+        "request (besides the requester and admins); others revise only by mentioning the bot.",
+    )
     update_interval_seconds: float = Field(
         default=2.0,
         ge=0,
@@ -247,6 +252,11 @@ class SlackSettings(BaseModel):
         default=3, ge=0, description="Retries of a Web API call Slack answered `ratelimited` (429)."
     )
     timeout_seconds: float = Field(default=30.0, gt=0, description="Slack Web API call timeout.")
+    auth_retry_seconds: float = Field(
+        default=30.0, gt=0,
+        description="While Slack's auth.test fails (Slack unreachable at start), the web "
+        "server runs degraded and asks again this often.",
+    )
 
 
 class OpsSettings(BaseModel):

@@ -28,6 +28,8 @@ class WebContext:
     store: Store
     enqueue_delivery: Callable[[int], object]  # puts a stored delivery's id on the queue
     extras: dict = field(default_factory=dict)  # feature-specific collaborators
+    # Stores deliveries arriving together in one commit, then enqueues them (set by create_app).
+    recorder: object = None
 
 
 Feature = Callable[[WebContext], list[BaseRoute]]
@@ -38,6 +40,10 @@ def _health(_request: Request) -> JSONResponse:
 
 
 def create_app(ctx: WebContext, features: Iterable[Feature]) -> Starlette:
+    from bot.deliveries import Recorder
+
+    if ctx.recorder is None:
+        ctx.recorder = Recorder(ctx.store, ctx.enqueue_delivery)
     routes: list[BaseRoute] = [Route("/healthz", _health)]
     for feature in features:
         routes.extend(feature(ctx))

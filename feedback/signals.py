@@ -19,7 +19,10 @@ from bot.forges import Forge, ForgeError, RepoInfo
 from bot.store.db import Store
 from bot.store.models import MergedChange, PullRequest, ReviewSignal, utcnow
 
-KINDS = {"approved", "changes_requested", "commented", "line_comment", "merged", "closed_unmerged"}
+KINDS = {
+    "approved", "changes_requested", "commented", "line_comment", "merged", "closed_unmerged",
+    "dismissed", "reopened",
+}
 
 
 class SignalError(ValueError):
@@ -64,6 +67,22 @@ def record_signal(
                 )
             )
             return existing, False
+
+
+def dismiss_signal(store: Store, *, source: str, external_id: str) -> str | None:
+    """A review was dismissed: its signal no longer judges the change (kind `dismissed`).
+
+    Returns the kind it had, or None when no such review was stored."""
+    with store.session() as s:
+        signal = s.scalar(
+            select(ReviewSignal).where(
+                ReviewSignal.source == source, ReviewSignal.external_id == external_id
+            )
+        )
+        if signal is None:
+            return None
+        before, signal.kind = signal.kind, "dismissed"
+        return before
 
 
 def _open_pr(s, pr_id: int, already: str = "is") -> PullRequest:

@@ -102,6 +102,7 @@ class FakeGitHub:
         app_id: int = 4242,
         installation_id: int = 77,
         token_lifetime: timedelta = timedelta(hours=1),
+        app_slug: str = "codeloop",
     ):
         self.root = root
         (root / "git").mkdir(parents=True, exist_ok=True)
@@ -113,6 +114,8 @@ class FakeGitHub:
         ).decode()
         self._public_key = key.public_key()
         self.app_id = app_id
+        self.app_slug = app_slug  # the App acts as f"{app_slug}[bot]"
+        self.token_users: dict[str, str] = {}  # personal token → its owner's login
         self.installation_id = installation_id
         self.token_lifetime = token_lifetime
         self.tokens: dict[str, datetime] = {}  # valid tokens → expiry
@@ -154,10 +157,16 @@ class FakeGitHub:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def add_personal_token(self) -> str:
+    def add_personal_token(self, login: str = "octo-admin") -> str:
+        """A personal access token acting as `login` (GitHub: its owner, a person)."""
         token = "ghp_" + secrets.token_hex(18)
         self.tokens[token] = datetime.now(timezone.utc) + timedelta(days=30)
+        self.token_users[token] = login
         return token
+
+    def actor(self, token: str) -> str:
+        """Who an API call with `token` acts as: the App's bot, or the token's owner."""
+        return self.token_users.get(token, f"{self.app_slug}[bot]")
 
     def create_repo(self, full_name: str, source: Path, default_branch: str = "main") -> FakeRepo:
         owner, name = full_name.split("/")
@@ -265,6 +274,21 @@ class FakeGitHub:
         with self.lock:
             repo.pulls[number].update(state="closed", merged=False, closed_at=_now())
             repo.issues[number]["state"] = "closed"
+
+    def reopen_pull(self, repo: FakeRepo, number: int) -> None:
+        with self.lock:
+            repo.pulls[number].update(state="open", merged=False, closed_at=None)
+            repo.issues[number]["state"] = "open"
+
+    def add_review_reply(self, repo: FakeRepo, parent: int, user: str, body: str) -> int:
+        """A reply inside the thread of review comment `parent` (`in_reply_to_id`)."""
+        with self.lock:
+            p = repo.review_comments[parent]
+            cid = self.next_id()
+            repo.review_comments[cid] = {
+                **p, "user": user, "body": body, "in_reply_to": parent, "created_at": _now(),
+            }
+            return cid
 
     def delete_branch(self, repo: FakeRepo, branch: str) -> None:
         _git(repo.path, "update-ref", "-d", f"refs/heads/{branch}")
@@ -611,12 +635,20 @@ class _Handler(BaseHTTPRequestHandler):
             data = json.loads(body) if body else {}
         except ValueError:
             return self._send(400, {"message": "Problems parsing JSON"})
-        if path.startswith("/app/") or re.fullmatch(r"/repos/[^/]+/[^/]+/installation", path):
+        installation = re.fullmatch(r"/repos/[^/]+/[^/]+/installation", path)
+        if path == "/app" or path.startswith("/app/") or installation:
             if scheme.lower() != "bearer" or not self.fake.app_jwt_ok(credential):
                 return self._send(401, {"message": "A JSON web token could not be decoded"})
             return self._app(method, path)
         if scheme.lower() not in ("token", "bearer") or not self.fake.token_ok(credential):
             return self._send(401, {"message": "Bad credentials"})
+        self.actor = self.fake.actor(credential)
+        if path == "/user" and method == "GET":
+            if credential not in self.fake.token_users:  # installation tokens have no user
+                return self._send(
+                    403, {"message": "Resource not accessible by integration"}
+                )
+            return self._send(200, self.fake.user_json(self.base, self.actor))
         m = re.match(r"/repos/([^/]+)/([^/]+)(/.*)?$", path)
         if not m:
             return self._send(404, {"message": "Not Found"})
@@ -629,6 +661,24 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ app endpoints
 
     def _app(self, method: str, path: str) -> None:
+        if method == "GET" and path == "/app":
+            return self._send(
+                200,
+                {
+                    "id": self.fake.app_id,
+                    "slug": self.fake.app_slug,
+                    "node_id": "A_kwDOtest",
+                    "name": self.fake.app_slug.replace("-", " ").title(),
+                    "owner": self.fake.user_json(self.base, "acme"),
+                    "description": "",
+                    "external_url": self.base,
+                    "html_url": f"{self.base}/apps/{self.fake.app_slug}",
+                    "created_at": _now(),
+                    "updated_at": _now(),
+                    "permissions": {"contents": "write", "issues": "write"},
+                    "events": ["issues", "issue_comment"],
+                },
+            )
         m = re.fullmatch(r"/app/installations/(\d+)/access_tokens", path)
         if method == "POST" and m:
             if int(m[1]) != self.fake.installation_id:
@@ -728,7 +778,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "id": fake.next_id(),
                 "title": data["title"],
                 "body": data.get("body") or "",
-                "user": BOT_LOGIN,
+                "user": self.actor,
                 "state": "open",
                 "labels": [],
                 "pull": True,
@@ -770,7 +820,7 @@ class _Handler(BaseHTTPRequestHandler):
             if sub == "" and method == "GET":
                 return self._send(200, fake.issue_json(base, repo, number))
             if sub == "/comments" and method == "POST":
-                cid = fake.add_comment(repo, number, data["body"], BOT_LOGIN)
+                cid = fake.add_comment(repo, number, data["body"], self.actor)
                 return self._send(201, fake.comment_json(base, repo, cid))
             if sub == "/comments" and method == "GET":
                 return self._send(
@@ -800,7 +850,7 @@ class _Handler(BaseHTTPRequestHandler):
             "content": data.get("content"),
             "on": kind,
             "target": target,
-            "user": BOT_LOGIN,
+            "user": self.actor,
         }
         repo.reactions.append(reaction)
         return self._send(
@@ -808,7 +858,7 @@ class _Handler(BaseHTTPRequestHandler):
             {
                 "id": reaction["id"],
                 "content": reaction["content"],
-                "user": self.fake.user_json(self.base, BOT_LOGIN),
+                "user": self.fake.user_json(self.base, self.actor),
                 "created_at": _now(),
             },
         )
@@ -866,7 +916,7 @@ class _Handler(BaseHTTPRequestHandler):
             cid = fake.next_id()
             repo.review_comments[cid] = {
                 "pull": number,
-                "user": BOT_LOGIN,
+                "user": self.actor,
                 "path": parent["path"],
                 "line": parent["line"],
                 "body": data["body"],

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from bot.forges.local import LocalForge
-from bot.runtime import build_queue, build_runtime
+from bot.runtime import build_queue, build_runtime, start_delivery_consumer
 from bot.settings import Settings, SlackSettings
 from bot.slack import app as slack_app
 from bot.slack import signing
@@ -79,12 +79,17 @@ class Harness:
         self._ids = count(1)
         self._signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM,
                                                             signal.SIGHUP)}
-        self.consumer = self.huey.create_consumer(workers=2, worker_type="thread", periodic=False,
+        # As `codeloop worker` runs them: the jobs consumer with the default worker count
+        # (one), and the deliveries consumer beside it.
+        self.consumer = self.huey.create_consumer(workers=settings.queue.workers,
+                                                  worker_type="thread", periodic=False,
                                                   check_worker_health=False)
+        self.delivery_consumer = None
 
     def start(self) -> Harness:
         self.web.start()
         self.consumer.start()
+        self.delivery_consumer = start_delivery_consumer(self.huey)
         for sig, handler in self._signals.items():  # the consumer set its own; keep pytest's
             signal.signal(sig, handler)
         return self
@@ -93,6 +98,7 @@ class Harness:
         self.http.close()
         self.web.stop()
         self.consumer.stop(graceful=True)
+        self.delivery_consumer.stop(graceful=True)
         self.runtime.close()
 
     # -------------------------------------------------------------- sending as Slack
@@ -156,7 +162,7 @@ class Harness:
         while time.monotonic() < deadline:
             with self.store.session() as s:
                 rows = s.scalars(select(Delivery).order_by(Delivery.id)).all()
-            if rows and all(r.state != "received" for r in rows):
+            if rows and all(r.state not in ("received", "handling") for r in rows):
                 return rows
             time.sleep(0.05)
         raise AssertionError("deliveries were not handled in time")

@@ -37,6 +37,7 @@ class SlackAPIServer:
         self._ratelimits: dict[str, list[int]] = {}  # method → [remaining 429s, retry-after]
         self.socket_url: str | None = None  # what apps.connections.open answers
         self.not_in: set[str] = set()  # channels the bot is not a member of
+        self.down = False  # answer every call 503, as when Slack's Web API is unreachable
         self.hooks_url = ""  # set below: where slash-command response_urls point
         server = self
 
@@ -113,6 +114,8 @@ class SlackAPIServer:
     # -------------------------------------------------------------- answers
 
     def _answer(self, method: str, params: dict) -> tuple[int, dict, dict]:
+        if self.down:
+            return 503, {}, {"ok": False, "error": "service_unavailable"}
         with self._lock:
             limit = self._ratelimits.get(method)
             if limit and limit[0] > 0:

@@ -503,7 +503,7 @@ def test_a_pull_request_closed_while_its_revision_runs_ends_the_job_cleanly(tmp_
         assert backend.entered.wait(60)  # the revision is generating now
         env.fake.close_pull(env.repo, number)
         env.deliver("pull_request", env.fake.pull_closed(env.repo, number, "alice"))
-        env.huey.execute(env.huey.dequeue())  # a second worker handles the close meanwhile
+        env.handle_next_delivery()  # the deliveries consumer handles the close meanwhile
         backend.release.set()
         worker.join(120)
         env.work()

@@ -314,7 +314,8 @@ def test_cancel_stops_a_running_job(harness_factory, repo):
     assert h.job(job_id).state == "running"
 
     h.click(CANCEL_ACTION, job_id, channel=LINKED, user=ALICE)
-    h.slack.wait_for(lambda s: any("cancelled job" in t for t in s.texts()), what="cancel reply")
+    h.slack.wait_for(lambda s: any("cancelled #1 (job" in t for t in s.texts()),
+                     what="cancel reply")
     assert h.job(job_id).state == "cancelled"
     backend.release.set()
     h.slack.wait_for(lambda s: [c for c in s.of("chat.update")

@@ -40,6 +40,9 @@ def test_a_burst_of_stages_is_one_post_and_the_final_edit(tmp_path, slack_api):
     notifier.finished(job_id, "cancelled", ok=False)
     time.sleep(0.3)
     posts, edits = slack_api.of("chat.postMessage"), slack_api.of("chat.update")
+    # The progress message, then one new message telling the end (edits notify nobody).
+    posts, notice = posts[:-1], posts[-1]
+    assert notice.params["thread_ts"] == "1.0" and "was cancelled" in notice.params["text"]
     assert len(posts) == 1 and posts[0].params["thread_ts"] == "1.0"
     assert "attempt 1" in posts[0].params["text"]
     assert len(edits) == 1 and "Cancelled after" in edits[0].params["text"]

@@ -31,6 +31,7 @@ class GitHubClients:
         self._auths: dict[int | None, object] = {}
         self._installations: dict[str, int] = {}
         self._default_installation = settings.installation_id
+        self._identity: str | None = None
 
     # ------------------------------------------------------------ configuration
 
@@ -140,6 +141,27 @@ class GitHubClients:
                 self._clients[installation_id] = client
                 self._auths[installation_id] = auth
             return client
+
+    def identity(self) -> str:
+        """The login the bot's own comments carry, from the API (asked once per process).
+
+        A GitHub App acts as `<slug>[bot]` (`GET /app`, signed with the App's JWT: no
+        installation token needed); a personal access token acts as its owner (`GET /user`).
+        A configured `bot_login` is a fallback only, used if the API cannot say.
+        """
+        with self._lock:
+            if self._identity is not None:
+                return self._identity
+        if self.uses_app:
+            from github import GithubIntegration
+
+            integration = GithubIntegration(auth=self._app_auth(), **self._kwargs())
+            login = f"{integration.get_app().slug}[bot]"
+        else:
+            login = self._client(None).get_user().login
+        with self._lock:
+            self._identity = login
+        return login
 
     def token_for(self, repo: str) -> str:
         """The current token for `repo` (an installation token is refreshed when near expiry)."""

@@ -41,6 +41,8 @@ class Trigger:
     label: str | None = None  # issues.labeled
     comment_id: int | None = None  # issue_comment.created
     comment_body: str | None = None
+    issue_state: str = "open"  # open | closed
+    locked: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,25 @@ class ReviewSubmitted:
     body: str
     author: str
     author_is_bot: bool
+
+
+@dataclass(frozen=True)
+class ReviewDismissed:
+    """`pull_request_review.dismissed`: the review no longer counts (its signal changes)."""
+
+    repo: str
+    installation_id: int | None
+    pr_number: int
+    review_id: int
+    sender: str
+
+
+@dataclass(frozen=True)
+class PullRequestReopened:
+    repo: str
+    installation_id: int | None
+    number: int
+    sender: str
 
 
 @dataclass(frozen=True)
@@ -84,9 +105,19 @@ class PullRequestClosed:
     base_ref: str
     base_sha: str | None
     merge_sha: str | None
+    merged_at: str | None = None  # ISO 8601, as GitHub sends it
+    closed_at: str | None = None
+    default_branch: str | None = None  # repository.default_branch
 
 
-Event = Trigger | ReviewSubmitted | ReviewCommentCreated | PullRequestClosed
+Event = (
+    Trigger
+    | ReviewSubmitted
+    | ReviewDismissed
+    | ReviewCommentCreated
+    | PullRequestClosed
+    | PullRequestReopened
+)
 
 
 # ---------------------------------------------------------------- field access
@@ -182,6 +213,8 @@ def parse(event: str, payload: Any) -> Event:
             sender_is_bot=sender_is_bot,
             on_pull_request=_opt(payload, "issue", "pull_request") is not None,
             label=_str(payload, "label", "name"),
+            issue_state=_str(payload, "issue", "state", optional=True) or "open",
+            locked=_opt(payload, "issue", "locked") is True,
         )
     if event == "issue_comment":
         if action != "created":
@@ -197,8 +230,18 @@ def parse(event: str, payload: Any) -> Event:
             on_pull_request=_opt(payload, "issue", "pull_request") is not None,
             comment_id=_int(payload, "comment", "id"),
             comment_body=_str(payload, "comment", "body", optional=True),
+            issue_state=_str(payload, "issue", "state", optional=True) or "open",
+            locked=_opt(payload, "issue", "locked") is True,
         )
     if event == "pull_request_review":
+        if action == "dismissed":
+            return ReviewDismissed(
+                repo=repo,
+                installation_id=installation,
+                pr_number=_int(payload, "pull_request", "number"),
+                review_id=_int(payload, "review", "id"),
+                sender=sender,
+            )
         if action != "submitted":
             raise Ignored(f"pull_request_review.{action} is not stored")
         state = _str(payload, "review", "state").lower()
@@ -234,6 +277,13 @@ def parse(event: str, payload: Any) -> Event:
             in_reply_to=_int(payload, "comment", "in_reply_to_id", optional=True),
         )
     # pull_request
+    if action == "reopened":
+        return PullRequestReopened(
+            repo=repo,
+            installation_id=installation,
+            number=_int(payload, "pull_request", "number"),
+            sender=sender,
+        )
     if action != "closed":
         raise Ignored(f"pull_request.{action} is not stored")
     merged = _get(payload, "pull_request", "merged")
@@ -252,4 +302,7 @@ def parse(event: str, payload: Any) -> Event:
         base_ref=_str(payload, "pull_request", "base", "ref"),
         base_sha=_str(payload, "pull_request", "base", "sha", optional=True) or None,
         merge_sha=_str(payload, "pull_request", "merge_commit_sha", optional=True) or None,
+        merged_at=_str(payload, "pull_request", "merged_at", optional=True) or None,
+        closed_at=_str(payload, "pull_request", "closed_at", optional=True) or None,
+        default_branch=_str(payload, "repository", "default_branch", optional=True) or None,
     )

@@ -31,7 +31,7 @@ from bot.store.models import (
     Request,
     utcnow,
 )
-from feedback.signals import record_signal
+from feedback.signals import dismiss_signal, record_signal
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class GitHubHandler:
             event = events.parse(name, view.payload)
         except events.MalformedPayload as exc:
             raise Ignored(f"malformed {view.event} payload: {exc}") from exc
+        # A comment that does not address the bot costs nothing: no token, no API call.
+        if isinstance(event, events.Trigger) and event.comment_id is not None:
+            if not events.mentions(event.comment_body, self.settings.github.bot_name):
+                raise Ignored(f"the comment does not mention @{self.settings.github.bot_name}")
         self.clients.remember_installation(event.repo, event.installation_id)
         if isinstance(event, events.Trigger):
             try:
@@ -93,7 +97,26 @@ class GitHubHandler:
             return self._review(event)
         if isinstance(event, events.ReviewCommentCreated):
             return self._review_comment(event)
+        if isinstance(event, events.ReviewDismissed):
+            return self._dismissed(event)
+        if isinstance(event, events.PullRequestReopened):
+            return self._reopened(event)
         return self._closed(event)
+
+    # ------------------------------------------------------------ who the bot is
+
+    def is_self(self, login: str | None) -> bool:
+        """Whether `login` is the bot itself: the identity the API reports for its
+        credentials (the App's `<slug>[bot]`, or a personal token's owner), or the
+        configured `bot_login`."""
+        if not login:
+            return False
+        if login == self.settings.github.bot_login:
+            return True
+        try:
+            return login == self.clients.identity()
+        except Exception as exc:  # noqa: BLE001 - GitHub unreachable: fail the delivery
+            raise RuntimeError(f"cannot tell who codeloop is on GitHub: {describe(exc)}") from exc
 
     def _tell_gave_up(self, ev: events.Trigger, exc: Exception) -> None:
         """GitHub still failed after the retries: say so on the issue, if GitHub lets us."""
@@ -141,10 +164,11 @@ class GitHubHandler:
                 return pr_id, request_id
         return None
 
-    def _job_running_for_issue(self, repo: str, issue: int) -> bool:
+    def _job_running_for_issue(self, repo: str, issue: int) -> int | None:
+        """The id of a queued or running job for the issue, if there is one."""
         with self.store.session() as s:
             rows = s.execute(
-                select(Request.reply_to)
+                select(Job.id, Request.reply_to)
                 .join(Job, Job.request_id == Request.id)
                 .where(
                     Request.source == "github",
@@ -152,7 +176,8 @@ class GitHubHandler:
                     Job.state.in_(("queued", "running")),
                 )
             ).all()
-        return any((reply_to or {}).get("issue") == issue for (reply_to,) in rows)
+        return next((job_id for job_id, reply_to in rows if (reply_to or {}).get("issue") == issue),
+                    None)
 
     def _can_write(self, remote, login: str) -> tuple[bool, str]:
         from github import GithubException
@@ -166,10 +191,12 @@ class GitHubHandler:
         return permission in WRITE, permission
 
     def _refuse(self, remote, number: int, login: str, permission: str) -> None:
+        # Never name the trigger (`@codeloop`, the label) here: with a personal token this
+        # comment is posted as a person with write access, and GitHub delivers it back.
         remote.get_issue(number).create_comment(
             f"Thanks @{login}! codeloop only takes requests from people with write access to "
-            f"{remote.full_name}, so it will not act on this one. A maintainer can start it by "
-            f"adding the label or mentioning @{self.settings.github.bot_name}."
+            f"{remote.full_name}, so it will not act on this one. A maintainer of the "
+            "repository can start it."
         )
         raise Ignored(f"{login} has {permission!r} permission on {remote.full_name}, not write")
 
@@ -177,8 +204,14 @@ class GitHubHandler:
 
     def _trigger(self, ev: events.Trigger, view: DeliveryView) -> int | None:
         gh = self.settings.github
-        if ev.sender_is_bot or ev.sender == gh.bot_login:
-            raise Ignored("an action by a bot")
+        if ev.sender_is_bot or self.is_self(ev.sender):
+            raise Ignored("an action by a bot (or by codeloop itself)")
+        if ev.on_pull_request:
+            return self._comment_on_pr(ev)
+        if ev.issue_state != "open":
+            raise Ignored(f"the issue is {ev.issue_state}")
+        if ev.locked:
+            raise Ignored("the issue is locked")
         remote = self._remote(ev.repo)
         if ev.label is not None:
             try:
@@ -186,26 +219,29 @@ class GitHubHandler:
             except RepoConfigError as exc:
                 remote.get_issue(ev.number).create_comment(f"codeloop cannot start: {exc}")
                 raise Ignored(str(exc)) from exc
-            if ev.label != config.trigger_label:
+            # GitHub's labels are case-insensitive ("Codeloop" is the label "codeloop").
+            if ev.label.casefold() != config.trigger_label.casefold():
                 raise Ignored(
                     f"label {ev.label!r} is not the trigger label {config.trigger_label!r}"
                 )
-        elif not events.mentions(ev.comment_body, gh.bot_name):
-            raise Ignored(f"the comment does not mention @{gh.bot_name}")
-        if ev.on_pull_request:
-            return self._comment_on_pr(ev, remote)
 
         can, permission = self._can_write(remote, ev.sender)
         if not can:
             self._refuse(remote, ev.number, ev.sender, permission)
         issue = remote.get_issue(ev.number)
+        running = self._job_running_for_issue(ev.repo, ev.number)
+        if running is not None:
+            if ev.comment_id is not None:  # a person asked: say why nothing happens now
+                issue.create_comment(
+                    f"@{ev.sender} codeloop is still working on job {running} for this issue, "
+                    "so this comment was not added to it. When the pull request is open, "
+                    "comment there (or request changes) to ask for a revision."
+                )
+            raise Ignored(f"a job for {ev.repo}#{ev.number} is already queued or running")
         if ev.comment_id is not None:
             issue.get_comment(ev.comment_id).create_reaction("eyes")
         else:
             issue.create_reaction("eyes")
-
-        if self._job_running_for_issue(ev.repo, ev.number):
-            raise Ignored(f"a job for {ev.repo}#{ev.number} is already queued or running")
         existing = self._open_pr_for_issue(ev.repo, ev.number)
         if existing is not None:  # a second trigger updates the open pull request
             pr_id, request_id = existing
@@ -267,10 +303,12 @@ class GitHubHandler:
             log.exception("job %s: could not post the status comment", job_id)
         self.enqueue_job(job_id)
 
-    def _comment_on_pr(self, ev: events.Trigger, remote) -> int | None:
+    def _comment_on_pr(self, ev: events.Trigger) -> int | None:
         found = self._bot_pr(ev.repo, ev.number)
         if found is None:
             raise Ignored("a comment on a pull request codeloop did not open")
+        if ev.label is not None:
+            raise Ignored("a label on a pull request")
         pr_id, request_id, state = found
         record_signal(
             self.store,
@@ -283,6 +321,7 @@ class GitHubHandler:
         )
         if state != "open":
             raise Ignored(f"the pull request is {state}")
+        remote = self._remote(ev.repo)
         can, permission = self._can_write(remote, ev.sender)
         if not can:
             self._refuse(remote, ev.number, ev.sender, permission)
@@ -307,8 +346,8 @@ class GitHubHandler:
     # ------------------------------------------------------------ reviews
 
     def _review(self, ev: events.ReviewSubmitted) -> int | None:
-        if ev.author_is_bot:
-            raise Ignored("a review by a bot")
+        if ev.author_is_bot or self.is_self(ev.author):
+            raise Ignored("a review by a bot (or by codeloop itself)")
         found = self._bot_pr(ev.repo, ev.pr_number)
         if found is None:
             raise Ignored("a review of a pull request codeloop did not open")
@@ -356,14 +395,10 @@ class GitHubHandler:
         key: str,
     ) -> None:
         """One revision job for every review comment nobody (not the bot) has answered yet."""
-        bot = self.settings.github.bot_login
         pull = remote.get_pull(number)
         all_comments = list(pull.get_review_comments())
-        answered = {
-            c.in_reply_to_id
-            for c in all_comments
-            if c.user is not None and c.user.login == bot and c.in_reply_to_id
-        }
+        mine = {c.id for c in all_comments if c.user is not None and self.is_self(c.user.login)}
+        answered = {c.in_reply_to_id for c in all_comments if c.id in mine and c.in_reply_to_id}
         open_comments = [
             {
                 "id": c.id,
@@ -373,9 +408,7 @@ class GitHubHandler:
                 "author": c.user.login if c.user else None,
             }
             for c in all_comments
-            if not c.in_reply_to_id
-            and c.id not in answered
-            and not (c.user is not None and c.user.login == bot)
+            if not c.in_reply_to_id and c.id not in answered and c.id not in mine
         ]
         for c in open_comments:
             record_signal(
@@ -411,12 +444,49 @@ class GitHubHandler:
         self._start(job_id)
 
     def _review_comment(self, ev: events.ReviewCommentCreated) -> int | None:
-        if ev.author_is_bot or ev.author == self.settings.github.bot_login:
-            raise Ignored("a review comment by a bot")
         found = self._bot_pr(ev.repo, ev.pr_number)
         if found is None:
             raise Ignored("a review comment on a pull request codeloop did not open")
-        pr_id, request_id, _ = found
+        if ev.author_is_bot or self.is_self(ev.author):
+            raise Ignored("a review comment by a bot (or by codeloop itself)")
+        pr_id, request_id, state = found
+        name = self.settings.github.bot_name
+        asks = events.mentions(ev.body, name)
+        if ev.in_reply_to is not None:  # a reply inside a review thread: talk, not a new comment
+            if not asks:
+                raise Ignored("a reply inside a review thread (not a line comment)")
+        else:
+            self._line_signal(ev, pr_id)
+        if not asks:
+            return request_id
+        # `@codeloop` on a line of the diff asks for a revision, as in a review body.
+        if state != "open":
+            raise Ignored(f"the pull request is {state}; nothing to revise")
+        remote = self._remote(ev.repo)
+        can, permission = self._can_write(remote, ev.author)
+        if not can:
+            self._refuse(remote, ev.pr_number, ev.author, permission)
+        text = re.sub(rf"@{re.escape(name)}\b", "", ev.body, flags=re.IGNORECASE).strip()
+        where = f"{ev.path} line {ev.line}" if ev.line else (ev.path or "the diff")
+        # A comment inside a review shares the review's key: the review and its comments,
+        # delivered separately, make one revision.
+        key = (
+            f"revise:github:review-{ev.review_id}"
+            if ev.review_id is not None and ev.in_reply_to is None
+            else f"revise:github:review-comment-{ev.comment_id}"
+        )
+        self._revise(
+            remote,
+            ev.pr_number,
+            pr_id,
+            request_id,
+            reviewer=ev.author,
+            summary=f"On {where}: {text}" if ev.in_reply_to is not None else "",
+            key=key,
+        )
+        return request_id
+
+    def _line_signal(self, ev: events.ReviewCommentCreated, pr_id: int) -> None:
         record_signal(
             self.store,
             pr_id,
@@ -428,6 +498,25 @@ class GitHubHandler:
             path=ev.path,
             line=ev.line,
         )
+
+    def _dismissed(self, ev: events.ReviewDismissed) -> int | None:
+        found = self._bot_pr(ev.repo, ev.pr_number)
+        if found is None:
+            raise Ignored("a dismissed review of a pull request codeloop did not open")
+        before = dismiss_signal(self.store, source="github", external_id=f"review-{ev.review_id}")
+        if before is None:
+            raise Ignored(f"review {ev.review_id} was never stored")
+        return found[1]
+
+    def _reopened(self, ev: events.PullRequestReopened) -> int | None:
+        found = self._bot_pr(ev.repo, ev.number)
+        if found is None:
+            raise Ignored("a pull request codeloop did not open was reopened")
+        pr_id, request_id, _ = found
+        with self.store.session() as s:
+            pr = s.get(PullRequest, pr_id)
+            if pr.state == "closed":
+                pr.state = "open"
         return request_id
 
     # ------------------------------------------------------------ closed / merged
@@ -435,7 +524,7 @@ class GitHubHandler:
     def _closed(self, ev: events.PullRequestClosed) -> int | None:
         found = self._bot_pr(ev.repo, ev.number)
         stored_merge = False
-        if ev.merged and self._keeps_merged(ev.repo):
+        if ev.merged and self._keeps_merged(ev.repo) and self._into_default(ev):
             stored_merge = self._store_merged(ev, found[0] if found else None)
         if found is None:
             if stored_merge:
@@ -444,10 +533,11 @@ class GitHubHandler:
         pr_id, request_id, _ = found
         with self.store.session() as s:
             pr = s.get(PullRequest, pr_id)
-            if pr.state == "open":
-                pr.state = "merged" if ev.merged else "closed"
-                if ev.merged:
-                    pr.merged_at = utcnow()
+            if ev.merged:  # a merge is final, whatever happened before (close, reopen)
+                pr.state = "merged"
+                pr.merged_at = _when(ev.merged_at) or pr.merged_at or utcnow()
+            elif pr.state == "open":
+                pr.state = "closed"
             pending = s.scalars(
                 select(Job.id).where(
                     Job.pull_request_id == pr_id, Job.state.in_(("queued", "running"))
@@ -464,15 +554,30 @@ class GitHubHandler:
                     )
                 except Exception:  # noqa: BLE001 - the outcome is stored either way
                     log.exception("job %s: could not say that the revision was dropped", job_id)
+        # Each outcome has its own id: a merge after a close and reopen is a second signal,
+        # not a redelivery of the first; each close is told apart by its time.
+        external_id = (
+            f"merged-{ev.repo}#{ev.number}"
+            if ev.merged
+            else f"closed-{ev.repo}#{ev.number}@{ev.closed_at or ''}"
+        )
         record_signal(
             self.store,
             pr_id,
             kind="merged" if ev.merged else "closed_unmerged",
             source="github",
-            external_id=f"closed-{ev.repo}#{ev.number}",
+            external_id=external_id[:200],
             author=ev.sender or None,
         )
         return request_id
+
+    def _into_default(self, ev: events.PullRequestClosed) -> bool:
+        """Only merges into the default branch are training material (not release branches)."""
+        if ev.default_branch is None or ev.base_ref == ev.default_branch:
+            return True
+        log.info("%s#%s: merged into %s, not the default branch %s: not stored",
+                 ev.repo, ev.number, ev.base_ref, ev.default_branch)
+        return False
 
     def _keeps_merged(self, repo: str) -> bool:
         wanted = self.settings.github.merged_repos
@@ -525,11 +630,27 @@ class GitHubHandler:
                         author=ev.author or None,
                         by_bot=pr_id is not None,
                         pull_request_id=pr_id,
+                        **({"merged_at": _when(ev.merged_at)} if _when(ev.merged_at) else {}),
                     )
                 )
         except IntegrityError:
             pass  # stored by a concurrent redelivery
         return True
+
+
+def _when(text: str | None):
+    """GitHub's ISO 8601 time (`2019-05-15T15:20:33Z`) as a naive UTC datetime, or None."""
+    from datetime import datetime, timezone
+
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
 
 
 def _file_diff(f) -> str:

@@ -3,16 +3,21 @@
 The signature (`X-Hub-Signature-256`, HMAC-SHA256 of the raw body with the webhook secret)
 is checked in constant time before anything is parsed or stored. Without a configured
 secret every delivery is refused: an unauthenticated endpoint would let anyone start jobs.
+
+Both content types a repository webhook can be created with are accepted: `application/json`
+and GitHub's default for repository webhooks, `application/x-www-form-urlencoded`, whose
+body is `payload=<url-encoded JSON>` (the signature covers that raw body).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
+from urllib.parse import parse_qs
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
@@ -37,6 +42,21 @@ def verify(secret: str | None, body: bytes, signature: str | None) -> bool:
     return hmac.compare_digest(sign(secret, body).encode(), signature.strip().encode())
 
 
+def _json_text(content_type: str, body: bytes) -> bytes | str:
+    """The JSON text of a delivery, for either content type GitHub sends."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return body
+    try:
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+    except UnicodeDecodeError as exc:
+        raise ValueError("the form body is not UTF-8") from exc
+    values = form.get("payload")
+    if not values or len(values) != 1:
+        raise ValueError("a form-encoded delivery has exactly one `payload` field")
+    return values[0]
+
+
 def routes(ctx) -> list[BaseRoute]:
     """The GitHub feature's routes (see bot.web.default_features)."""
     secret_value = ctx.settings.github.webhook_secret
@@ -55,9 +75,12 @@ def routes(ctx) -> list[BaseRoute]:
                 {"error": "X-GitHub-Event and X-GitHub-Delivery are required"}, status_code=400
             )
         try:
-            payload = json.loads(body)
-        except ValueError:
-            return JSONResponse({"error": "the body is not JSON"}, status_code=400)
+            payload = json.loads(_json_text(request.headers.get("content-type", ""), body))
+        except ValueError as exc:
+            return JSONResponse({"error": f"the body is not a webhook payload: {exc}"},
+                                status_code=400)
+        except RecursionError:
+            return JSONResponse({"error": "the body is nested too deeply"}, status_code=400)
         if not isinstance(payload, dict):
             return JSONResponse({"error": "the body is not a JSON object"}, status_code=400)
         if event == "ping":
@@ -66,17 +89,15 @@ def routes(ctx) -> list[BaseRoute]:
             return JSONResponse({"ignored": f"codeloop does not use {event} events"})
         action = payload.get("action")
         name = f"{event}.{action}" if isinstance(action, str) else event
-        recorded = await run_in_threadpool(
-            deliveries.record,
-            ctx.store,
-            source="github",
-            delivery_id=delivery_id,
-            event=name[:100],
-            payload=payload,
-        )
-        if not recorded.created:
+        # Stored (committed with whatever else arrived at the same moment) before the answer;
+        # the recorder enqueues it for the worker right after.
+        recorded: deliveries.Recorded = await asyncio.wrap_future(ctx.recorder.submit(
+            source="github", delivery_id=delivery_id, event=name[:100], payload=payload,
+        ))
+        if not recorded.enqueue:
             return JSONResponse({"delivery": recorded.id, "duplicate": True})
-        await run_in_threadpool(ctx.enqueue_delivery, recorded.id)
+        if recorded.retry:  # "Redeliver" of a delivery that failed or was never handled
+            return JSONResponse({"delivery": recorded.id, "retry": True}, status_code=202)
         return JSONResponse({"delivery": recorded.id}, status_code=202)
 
     return [Route("/github/webhook", webhook, methods=["POST"])]

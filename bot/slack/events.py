@@ -28,7 +28,10 @@ MAINTAINER_COMMANDS = ("link", "unlink", "status", "retrain", "schedule")
 # Message subtypes that are still a person writing a message; every other one (edits,
 # deletions, joins, bot messages, …) is ignored.
 _PERSON_SUBTYPES = (None, "thread_broadcast", "file_share")
-_MENTION = re.compile(r"<@[A-Z0-9]+(?:\|[^>]*)?>")
+_MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
+# Slack's markup in message text: <@U1>, <#C1|name>, <!here>, <!subteam^S1|@team>,
+# <https://url|label>, <mailto:a@b|a@b>.
+_MARKUP = re.compile(r"<([^<>]*)>")
 _REPO = re.compile(r"(?:^|\s)repo=(\S+)")
 
 
@@ -49,6 +52,7 @@ class Ask:
     thread_ts: str | None  # set when the message was written inside a thread
     key: str  # identity of the message: a message and its app_mention share it
     response_url: str | None = None  # slash commands: answers when the bot is not in the channel
+    mentions_bot: bool = False  # the text @mentions the bot (its app_mention copy also comes)
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class ThreadReply:
     text: str
     ts: str
     thread_ts: str
-    mention: bool = False  # it @mentions the bot: a request, when the thread is not codeloop's
+    mention: bool = False  # an app_mention event: a request, when the thread is not codeloop's
+    mentions_bot: bool = False  # the text @mentions the bot (also true of the message copy)
 
 
 @dataclass(frozen=True)
@@ -126,11 +131,44 @@ def split_repo(text: str) -> tuple[str, str | None]:
     return (text[: match.start()] + " " + text[match.end():]).strip(), repo
 
 
-def clean_text(text: str) -> str:
-    """Text as a person reads it: user mentions removed, Slack's escapes undone."""
-    text = _MENTION.sub(" ", text)
+def _readable(markup: str) -> str:
+    """One piece of Slack markup (without its angle brackets) as a person reads it."""
+    target, _, label = markup.partition("|")
+    if target.startswith("@"):  # a person: keep who it is
+        return label if label.startswith("@") else "@" + (label or target[1:])
+    if target.startswith("#"):
+        return "#" + (label or target[1:])
+    if target.startswith("!"):  # <!here>, <!channel>, <!subteam^S1|@team>, <!date^…|text>
+        if label:
+            return label
+        return "@" + target[1:].split("^", 1)[0]
+    if label and label != target:  # a link shown under other words: keep both
+        return f"{label} ({target})"
+    return target.removeprefix("mailto:")
+
+
+def clean_text(text: str, bot_user: str | None = None) -> str:
+    """Text as a person reads it: the bot's own mention removed; other people's mentions,
+    channels and links kept in readable form (`@U123`, `#general`, `label (https://…)`);
+    Slack's escapes undone. Without `bot_user`, a mention that opens the text is the bot's."""
+    if bot_user:
+        text = re.sub(rf"<@{re.escape(bot_user)}(?:\|[^>]*)?>", " ", text)
+    else:
+        text = re.sub(r"^\s*<@[A-Z0-9]+(?:\|[^>]*)?>", " ", text)
+    text = _MARKUP.sub(lambda m: _readable(m.group(1)), text)
     text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     return "\n".join(" ".join(line.split()) for line in text.strip().splitlines()).strip()
+
+
+def _bot_user(payload: dict) -> str | None:
+    """The bot's user id, from the `authorizations` Slack puts in every Events API callback."""
+    auths = payload.get("authorizations")
+    if isinstance(auths, list):
+        for auth in auths:
+            if isinstance(auth, dict) and auth.get("is_bot") and isinstance(auth.get("user_id"),
+                                                                            str):
+                return auth["user_id"]
+    return None
 
 
 # ---------------------------------------------------------------- parsing
@@ -163,16 +201,19 @@ def _parse_event(payload: dict) -> SlackInput:
     ts = _str(event, "ts", "event")
     raw = _str(event, "text", "event", required=False) or ""
     thread_ts = _str(event, "thread_ts", "event", required=False) or None
-    text = clean_text(raw)
+    bot = _bot_user(payload)
+    text = clean_text(raw, bot)
+    mentioned = {m.group(1) for m in _MENTION.finditer(raw)}
+    mentions_bot = etype == "app_mention" or (bot in mentioned if bot else False)
     if thread_ts and thread_ts != ts:
         return ThreadReply(channel=channel, user=user, text=text, ts=ts, thread_ts=thread_ts,
-                           mention=etype == "app_mention")
+                           mention=etype == "app_mention", mentions_bot=mentions_bot)
     text, repo = split_repo(text)
     via = "mention" if etype == "app_mention" else "message"
     if via == "message" and event.get("channel_type") not in (None, "channel", "group"):
         return Skip(f"a message in a {event.get('channel_type')} (only channels are watched)")
     return Ask(via=via, channel=channel, user=user, text=text, repo=repo, ts=ts,
-               thread_ts=None, key=f"{channel}:{ts}")
+               thread_ts=None, key=f"{channel}:{ts}", mentions_bot=mentions_bot)
 
 
 def _parse_command(payload: dict) -> SlackInput:
@@ -182,7 +223,7 @@ def _parse_command(payload: dict) -> SlackInput:
     channel = _str(payload, "channel_id", "command")
     user = _str(payload, "user_id", "command")
     trigger = _str(payload, "trigger_id", "command")
-    text = clean_text(_str(payload, "text", "command", required=False) or "")
+    text = clean_text(" " + (_str(payload, "text", "command", required=False) or ""), "-")
     response_url = _str(payload, "response_url", "command", required=False) or None
     word, _, rest = text.partition(" ")
     word = word.lower()

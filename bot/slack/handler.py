@@ -30,6 +30,7 @@ from bot.deliveries import DeliveryView, Ignored
 from bot.forges import Forge, ForgeError
 from bot.settings import Settings
 from bot.slack import events, messages
+from bot.slack.messages import escape
 from bot.slack.events import Ask, Button, Command, Skip, SlackPayloadError, ThreadReply
 from bot.store.db import Store
 from bot.store.models import (
@@ -121,7 +122,7 @@ def status_text(settings: Settings, store: Store, repo: str | None = None) -> st
     lines = [f"*Queue:* {queued} waiting, {len(running)} running"]
     for job_id, job_repo, started in running:
         took = messages.elapsed((utcnow() - started).total_seconds()) if started else "?"
-        lines.append(f"  • job {job_id} on {job_repo} ({took})")
+        lines.append(f"  • job {job_id} on {escape(job_repo)} ({took})")
     lines.append(f"*Model:* {active or settings.backend.model + ' (base model, no adapter)'}")
     lines.append(f"*Last training run:* {_last_training(store, repo)}")
     approved, rejected = counts.get("approved", 0), counts.get("changes_requested", 0)
@@ -146,7 +147,7 @@ def _last_training(store: Store, repo: str | None) -> str:
     for key in ("state", "status", "result", "finished_at", "created_at"):
         if run.get(key) is not None:
             parts.append(f"{key}: {run[key]}")
-    return ", ".join(str(p) for p in parts)
+    return escape(", ".join(str(p) for p in parts))
 
 
 # ---------------------------------------------------------------- the handler
@@ -185,11 +186,12 @@ class SlackHandler:
         return resp.get("ts")
 
     def _whisper(self, channel: str, user: str, text: str,
-                 response_url: str | None = None) -> None:
-        """Only `user` sees it. In a channel the bot is not in, a slash command's answer goes
-        through its response_url instead."""
+                 response_url: str | None = None, thread_ts: str | None = None) -> None:
+        """Only `user` sees it (in the thread, when given). In a channel the bot is not in, a
+        slash command's answer goes through its response_url instead."""
         try:
-            self.client.chat_postEphemeral(channel=channel, user=user, text=text)
+            self.client.chat_postEphemeral(channel=channel, user=user, text=text,
+                                           thread_ts=thread_ts)
         except SlackApiError as exc:
             if response_url is None or exc.response.get("error") not in NOT_IN_CHANNEL:
                 raise
@@ -205,10 +207,18 @@ class SlackHandler:
     # -------------------------------------------------------------- requirements
 
     def ask(self, item: Ask) -> int | None:
-        repo = item.repo or linked_repo(self.store, item.channel)
-        if repo is None:
-            if item.via == "message":
+        linked = linked_repo(self.store, item.channel)
+        if item.via == "message":  # no mention: only a linked channel's own repository
+            if linked is None:
                 raise Ignored("a message in a channel that is not linked to a repository")
+            if item.repo is not None and item.repo != linked:
+                if item.mentions_bot:  # its app_mention copy makes the request
+                    raise Ignored("a message naming another repository; its mention decides")
+                self._answer(item, f"This channel is linked to {escape(linked)}. To ask for a "
+                                   f"change in {escape(item.repo)}, mention me in the message.")
+                raise Ignored("a plain message naming another repository than the linked one")
+        repo = item.repo or linked
+        if repo is None:
             self._answer(item, messages.not_linked().text)
             raise Ignored("channel not linked and no repo= given; told the requester")
         if not item.text.strip():
@@ -218,12 +228,13 @@ class SlackHandler:
         try:
             info = self.forge.check_repository(repo)
         except ForgeError as exc:
-            self._answer(item, f"I can't work on {repo}: {exc}")
+            self._answer(item, f"I can't work on {escape(repo)}: {escape(str(exc))}")
             raise Ignored(f"repository refused: {exc}") from exc
         thread_ts = item.thread_ts or item.ts
         if item.via == "command":  # a slash command has no message: start the thread
             try:
-                thread_ts = self._say(item.channel, f"<@{item.user}> asked for: {item.text}")
+                thread_ts = self._say(item.channel,
+                                      f"<@{item.user}> asked for: {escape(item.text)}")
             except SlackApiError as exc:
                 if exc.response.get("error") not in NOT_IN_CHANNEL:
                     raise
@@ -235,11 +246,12 @@ class SlackHandler:
                 self.store, source="slack", repo=info.repo, requirement=item.text,
                 max_bytes=self.settings.pipeline.max_requirement_bytes,
                 requester=requester_label(self.settings, item.user),
-                reply_to={"channel": item.channel, "thread_ts": thread_ts, "user": item.user},
+                reply_to={"channel": item.channel, "thread_ts": thread_ts, "user": item.user,
+                          "asked_ts": item.ts},
                 delivery=item.key,
             )
         except jobs.BadRequest as exc:
-            self._answer(item, str(exc))
+            self._answer(item, escape(str(exc)))
             raise Ignored(str(exc)) from exc
         _remember_thread(self.store, item.channel, thread_ts, sub.request_id, item.user)
         if not sub.created:
@@ -264,7 +276,17 @@ class SlackHandler:
                                     text=text, repo=repo, ts=item.ts, thread_ts=item.thread_ts,
                                     key=f"{item.channel}:{item.ts}"))
             raise Ignored("a reply in a thread that is not codeloop's")
-        request_id, _ = found
+        request_id, requester = found
+        with self.store.session() as s:
+            asked_ts = (s.get(Request, request_id).reply_to or {}).get("asked_ts")
+        if asked_ts == item.ts:  # the @mention that made the request, as its `message` copy
+            raise Ignored("the message that made this request (its app_mention copy)")
+        if item.mentions_bot and not item.mention:
+            raise Ignored("a mention of the bot: its app_mention copy is the one handled")
+        may_revise = (item.user == requester or item.mention or self.is_admin(item.user)
+                      or item.user in self.settings.slack.revisers)
+        if not may_revise:  # people talking in the thread ("thanks!", "lunch at 12?")
+            raise Ignored("a reply by someone other than the requester, without a mention")
         if not item.text.strip():
             raise Ignored("an empty reply")
         with self.store.session() as s:
@@ -325,15 +347,15 @@ class SlackHandler:
         try:
             info = self.forge.check_repository(repo)
         except ForgeError as exc:
-            return f"I can't link {repo}: {exc}"
+            return f"I can't link {escape(repo)}: {escape(str(exc))}"
         link_channel(self.store, item.channel, info.repo, item.user)
-        self._say(item.channel, f"<@{item.user}> linked this channel to {info.repo}: messages "
-                  "here become pull requests there.")
-        return f"Linked to {info.repo}."
+        self._say(item.channel, f"<@{item.user}> linked this channel to {escape(info.repo)}: "
+                  "messages here become pull requests there.")
+        return f"Linked to {escape(info.repo)}."
 
     def cmd_unlink(self, item: Command) -> str:
         repo = unlink_channel(self.store, item.channel)
-        return f"Unlinked from {repo}." if repo else "This channel was not linked."
+        return f"Unlinked from {escape(repo)}." if repo else "This channel was not linked."
 
     def cmd_status(self, item: Command) -> str:
         return status_text(self.settings, self.store, linked_repo(self.store, item.channel))
@@ -353,7 +375,7 @@ class SlackHandler:
         except ImportError:
             return TRAINING_MISSING
         run_id = retrain_now(self.settings, self.store, repo, requested_by=item.user)
-        return f"Training run #{run_id} queued for {repo}."
+        return f"Training run #{run_id} queued for {escape(repo)}."
 
     def cmd_schedule(self, item: Command) -> str:
         repo, rest = self._training_repo(item, item.arg)
@@ -369,12 +391,12 @@ class SlackHandler:
             return TRAINING_MISSING
         if cron.lower() == "off":
             pause_schedule(self.settings, repo)
-            return f"Retraining for {repo} is paused."
+            return f"Retraining for {escape(repo)} is paused."
         try:
             described = set_schedule(self.settings, repo, cron)
         except ValueError as exc:
-            return f"That schedule was not accepted: {exc}"
-        return f"Retraining {repo}: {described}."
+            return f"That schedule was not accepted: {escape(str(exc))}"
+        return f"Retraining {escape(repo)}: {escape(described)}."
 
     # -------------------------------------------------------------- buttons
 
@@ -391,27 +413,30 @@ class SlackHandler:
         allowed = self.is_admin(item.user) or (asked is not None and asked[1] == item.user)
         if not allowed:
             self._whisper(item.channel, item.user, "Only the person who asked, or a codeloop "
-                          f"admin, can {item.name} this job.")
+                          f"admin, can {item.name} this job.", thread_ts=thread_ts)
             raise Ignored(f"{item.user} may not {item.name} job {item.job_id}")
         if item.name == "cancel":
             if jobs.cancel(self.store, item.job_id):
-                self._say(item.channel, f"<@{item.user}> cancelled job {item.job_id}; it stops "
-                          "before its next stage.", thread_ts=thread_ts)
+                self._say(item.channel, f"<@{item.user}> cancelled #{request_id} (job "
+                          f"{item.job_id}); it stops before its next stage.", thread_ts=thread_ts)
                 return request_id
             self._whisper(item.channel, item.user,
-                          f"Job {item.job_id} is {state}; nothing to cancel.")
+                          f"#{request_id} (job {item.job_id}) {messages.state_words(state)}; "
+                          "nothing to cancel.", thread_ts=thread_ts)
             raise Ignored(f"cancel of a {state} job")
         if state != "failed":
             self._whisper(item.channel, item.user,
-                          f"Job {item.job_id} is {state}; nothing to retry.")
+                          f"#{request_id} (job {item.job_id}) {messages.state_words(state)}; "
+                          "nothing to retry.", thread_ts=thread_ts)
             raise Ignored(f"retry of a {state} job")
         new_id, created = _retry_job(self.store, item.job_id, request_id, kind, pr_id, feedback)
         try:
             if created:
-                self._say(item.channel, f"<@{item.user}> asked to try again: job {new_id}.",
-                          thread_ts=thread_ts)
+                self._say(item.channel, f"<@{item.user}> asked to try again: #{request_id} runs as "
+                          f"job {new_id}.", thread_ts=thread_ts)
             else:
-                self._whisper(item.channel, item.user, f"Already trying again as job {new_id}.")
+                self._whisper(item.channel, item.user, f"Already trying again as job {new_id}.",
+                              thread_ts=thread_ts)
         finally:
             self.enqueue_job(new_id)
         return request_id if created else None

@@ -2,6 +2,12 @@
 
 Each function takes plain values and returns `Reply(text, blocks)`; the notifier and the
 handler send them. `text` is the notification/fallback text, `blocks` the rich layout.
+
+Everything that did not come from codeloop itself (what people wrote, repository names,
+file names, failure reasons, model output) goes through `escape` before it is sent:
+Slack reads `<...>` as mentions and links (`<!channel>` pings everyone, `<https://a|b>`
+shows a link under other words) and `&` as the start of an escape, so Slack's docs ask
+apps to send `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
+
+FENCE = "`" * 3
 
 _STAGE_LABELS = {
     "workspace": "reading the repository",
@@ -61,8 +69,24 @@ def elapsed(seconds: float) -> str:
     return f"{seconds}s" if seconds < 60 else f"{seconds // 60}m {seconds % 60:02d}s"
 
 
+def escape(text: str) -> str:
+    """Text shown as written: no mention, no link, no special command (Slack's escaping)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def repo_name(repo: str) -> str:
-    return repo
+    return escape(repo)
+
+
+_STATE_WORDS = {
+    "queued": "is waiting in the queue", "running": "is running", "succeeded": "has finished",
+    "failed": "failed", "cancelled": "was cancelled",
+}
+
+
+def state_words(state: str) -> str:
+    """`job 4 has finished`, not `job 4 is succeeded`."""
+    return _STATE_WORDS.get(state, f"is {state}")
 
 
 def _section(text: str) -> dict:
@@ -91,13 +115,13 @@ def progress(view: JobView) -> Reply:
     lines = []
     for st in view.stages:
         if st.seconds is None:
-            lines.append(f"› {st.label}…")
+            lines.append(f"› {escape(st.label)}…")
         else:
-            lines.append(f"✓ {st.label} ({st.seconds:.1f}s)")
+            lines.append(f"✓ {escape(st.label)} ({st.seconds:.1f}s)")
     body = head + ("\n" + "\n".join(lines) if lines else "")
     current = next((s.label for s in reversed(view.stages) if s.seconds is None), "queued")
     return Reply(
-        text=f"#{view.request_id}: {current} ({took})",
+        text=f"#{view.request_id}: {escape(current)} ({took})",
         blocks=[_section(body), {"type": "actions", "block_id": "codeloop",
                                  "elements": [_button(CANCEL_ACTION, "Cancel", view.job_id,
                                                       "danger")]}],
@@ -105,10 +129,10 @@ def progress(view: JobView) -> Reply:
 
 
 def _pr_link(result: dict) -> str:
-    number, url = result.get("number"), result.get("url") or ""
-    if url.startswith(("http://", "https://")):
+    number, url = result.get("number"), str(result.get("url") or "")
+    if url.startswith(("http://", "https://")) and not any(c in url for c in "<>|& \n"):
         return f"<{url}|pull request #{number}>"
-    return f"pull request #{number} (branch `{result.get('branch', '')}`)"
+    return f"pull request #{number} (branch `{escape(result.get('branch', ''))}`)"
 
 
 def succeeded(view: JobView) -> Reply:
@@ -121,9 +145,9 @@ def succeeded(view: JobView) -> Reply:
                 f"{_pr_link(r)} ({took})")
     else:
         head = f":white_check_mark: *#{view.request_id}* Opened {_pr_link(r)} ({took})"
-    stat = (r.get("diff_stat") or "").strip()
-    body = head + (f"\n```{stat}```" if stat else "") + \
-        f"\nValidation: *{verdict}* — {validation.get('summary', 'no checks')}"
+    stat = escape((r.get("diff_stat") or "").strip().replace(FENCE, "'" * 3))
+    body = head + (f"\n{FENCE}{stat}{FENCE}" if stat else "") + \
+        f"\nValidation: *{verdict}* — {escape(validation.get('summary', 'no checks'))}"
     text = f"#{view.request_id}: {_pr_link(r)}, validation {verdict}"
     return Reply(text=text, blocks=[_section(body)])
 
@@ -147,11 +171,25 @@ def cancelled(view: JobView) -> Reply:
 
 
 def plain_reason(error: str, limit: int = 600) -> str:
-    """A failure in words: the first lines, no tracebacks, bounded."""
+    """A failure in words: the first lines, no tracebacks, bounded, escaped for Slack."""
     text = error.strip()
     if "Traceback (most recent call last)" in text:
         text = text.split("Traceback (most recent call last)")[0].strip() or "an internal error"
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    text = text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    return escape(text)
+
+
+def finished_notice(user: str | None, view: JobView) -> Reply:
+    """A new message that @mentions the requester when the work ends: an edit of the
+    progress message notifies nobody; a new message with their mention does."""
+    who = f"<@{user}> " if user and user.isalnum() else ""
+    if view.state == "succeeded":
+        what = f"#{view.request_id} is done: {_pr_link(view.result)}."
+    elif view.state == "cancelled":
+        what = f"#{view.request_id} was cancelled; nothing was pushed."
+    else:
+        what = f"#{view.request_id} could not be finished; the reason is in the message above."
+    return Reply(who + what)
 
 
 def revising(pr_number: int | None, job_id: int) -> Reply:

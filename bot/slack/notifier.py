@@ -67,6 +67,20 @@ class SlackNotifier:
                 view = messages.JobView(**{**view.__dict__, "error": text})
             reply = messages.failed(view)
         self._send(job_id, where, reply, final=True)
+        self._notify_requester(job_id, where, view)
+
+    def _notify_requester(self, job_id: int, where: tuple[str, str | None],
+                          view: messages.JobView) -> None:
+        """Editing the progress message notifies nobody: tell the requester in the thread."""
+        with self.store.session() as s:
+            job = s.get(Job, job_id)
+            user = (job.request.reply_to or {}).get("user") if job else None
+        channel, thread_ts = where
+        try:
+            self.client.chat_postMessage(channel=channel, thread_ts=thread_ts,
+                                         text=messages.finished_notice(user, view).text)
+        except Exception:  # noqa: BLE001 - the result is in the edited message either way
+            log.exception("job %s: could not notify the requester", job_id)
 
     # -------------------------------------------------------------- reading
 

@@ -23,11 +23,15 @@ def signed_headers(signing_secret: str, body: str, timestamp: int | None = None,
     }
 
 
-def event_body(event: dict, event_id: str, team: str = "T0CODELOOP") -> str:
-    """An Events API callback as Slack posts it."""
+def event_body(event: dict, event_id: str, team: str = "T0CODELOOP",
+               bot_user: str = "UCODELOOP") -> str:
+    """An Events API callback as Slack posts it (with the `authorizations` naming the bot)."""
     return json.dumps({
         "token": "unused", "team_id": team, "api_app_id": "A0CODELOOP", "type": "event_callback",
         "event_id": event_id, "event_time": int(time.time()), "event": event,
+        "authorizations": [{"enterprise_id": None, "team_id": team, "user_id": bot_user,
+                            "is_bot": True, "is_enterprise_install": False}],
+        "is_ext_shared_channel": False,
     })
 
 

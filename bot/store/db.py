@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,14 +48,70 @@ def _alembic_config(engine: Engine):
     return cfg
 
 
+# pg_advisory_lock key of the migration lock ("clmg"), the same in every codeloop process.
+MIGRATION_LOCK_KEY = 0x636C6D67
+
+
+def _sqlite_path(engine: Engine) -> Path | None:
+    database = engine.url.database
+    return Path(database) if database and database != ":memory:" else None
+
+
+@contextmanager
+def migration_lock(engine: Engine) -> Iterator[None]:
+    """One migrating process per database; the others wait here until it is done.
+
+    PostgreSQL: a session advisory lock (released with the connection, even if the process
+    dies). SQLite: an exclusive `flock` on `<database>.migrate.lock` (released by the OS when
+    the process dies)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        return
+    path = _sqlite_path(engine) if engine.dialect.name == "sqlite" else None
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.migrate.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent)."""
+    """Bring the schema to the newest revision (idempotent), once per database.
+
+    Several processes starting together on a fresh database (compose starts web, worker and
+    scheduler at once) do not race: one migrates under `migration_lock`, the others wait for
+    it and then find the schema current. An already current schema costs one query."""
     from alembic import command
 
     try:
-        command.upgrade(_alembic_config(engine), "head")
+        if _current(engine):
+            return
+        with migration_lock(engine):
+            if _current(engine):  # another process migrated while this one waited
+                log.info("database schema migrated by another process")
+                return
+            command.upgrade(_alembic_config(engine), "head")
     except Exception as exc:  # noqa: BLE001 - one clear message for a broken database
         raise StoreError(f"cannot migrate the database at {engine.url!r}: {exc}") from exc
+
+
+def _current(engine: Engine) -> bool:
+    try:
+        return schema_is_current(engine)
+    except Exception:  # noqa: BLE001 - no schema yet (or unreadable): migrate decides
+        return False
 
 
 def schema_is_current(engine: Engine) -> bool:

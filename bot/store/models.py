@@ -199,7 +199,7 @@ class Delivery(Base):
     event: Mapped[str] = mapped_column(String(100))  # e.g. issues.labeled, event_callback
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[str] = mapped_column(String(20), default="received", index=True)
-    # received | handled | ignored | failed
+    # received | handling (claimed by a worker) | handled | ignored | failed
     note: Mapped[str | None] = mapped_column(Text)  # why ignored / what failed
     request_id: Mapped[int | None] = mapped_column(ForeignKey("requests.id"))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

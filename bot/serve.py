@@ -33,7 +33,7 @@ def build_app(settings: Settings, store, enqueue_delivery: Callable[[int], objec
     return create_app(ctx, default_features(settings))
 
 
-def scheduler_runner() -> Callable[[Settings, threading.Event], None] | None:
+def scheduler_runner() -> Callable[..., None] | None:
     """training.schedule.run_scheduler when this build has the learning loop, else None."""
     try:
         from training.schedule import run_scheduler
@@ -68,9 +68,10 @@ class Service:
         return build_queue(self.settings, lambda: runtime)
 
     def _start_worker(self, huey) -> None:
-        from bot.runtime import recover
+        from bot.runtime import recover, recover_training
 
         recover(self.runtime, huey.codeloop_run_job)
+        recover_training(self.runtime, huey.codeloop_train)
         consumer = huey.create_consumer(
             workers=self.settings.queue.workers, worker_type="thread", periodic=True,
             check_worker_health=True,
@@ -109,7 +110,10 @@ class Service:
         if runner is None:
             log.warning("scheduler: retraining is not part of this build (no training package)")
             return
-        self._spawn("scheduler", lambda: runner(self.settings, self.stop))
+        from bot.runtime import training_enqueue
+
+        enqueue = training_enqueue(self.settings)
+        self._spawn("scheduler", lambda: runner(self.settings, self.stop, enqueue))
 
     def _start_socket_mode(self, huey) -> None:
         """Slack events over a websocket (no public URL): stored and enqueued like HTTP ones."""

@@ -277,3 +277,107 @@ def test_schedule_commands(tmp_path):
     missing = cli("schedule", "resume", "--repo", "other/app")
     assert missing.returncode == 2 and "no schedule for other/app" in missing.stderr
     assert "no model versions yet" in cli("models").stdout
+
+
+def test_a_pull_requests_outcome_comes_from_its_whole_history():
+    """A merge is final; otherwise the latest close / reopen wins over the stored state."""
+    from datetime import timedelta
+
+    from training.dataset import outcome
+
+    t = datetime(2026, 3, 1)
+
+    def sig(kind, minutes, i):
+        return {"id": i, "kind": kind, "when": t + timedelta(minutes=minutes)}
+
+    closed, reopened = sig("closed_unmerged", 1, 1), sig("reopened", 2, 2)
+    # Closed, reopened, merged, stored as `closed` with its `merged` signal lost: merged,
+    # because the merged change is there.
+    assert outcome("closed", [closed], has_merged_change=True) == "merged"
+    assert outcome("closed", [closed, sig("merged", 3, 3)], has_merged_change=False) == "merged"
+    assert outcome("closed", [closed, reopened], has_merged_change=False) == "open"
+    assert outcome("open", [reopened, sig("closed_unmerged", 5, 4)], False) == "closed"
+    assert outcome("closed", [], has_merged_change=False) == "closed"
+
+
+def _dead_owner() -> str:
+    import socket
+    import subprocess
+    import sys
+
+    from bot import leases
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:{leases.boot_id()}"
+
+
+def test_one_running_run_per_repository_and_a_dead_workers_run_is_taken_over(tmp_path, db_url):
+    settings = make_settings(tmp_path / "home", db_url, training=small_training())
+    store = Store(settings.database_url)
+    first, _ = schedule.enqueue_training(store, "acme/app", key="k1", trigger="manual",
+                                         requested_by="t", enqueue=None)
+    second, _ = schedule.enqueue_training(store, "acme/app", key="k2", trigger="manual",
+                                          requested_by="t", enqueue=None)
+    other, _ = schedule.enqueue_training(store, "acme/other", key="k3", trigger="manual",
+                                         requested_by="t", enqueue=None)
+    # Two workers race for the two runs of one repository: one trains, the other waits.
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda a: schedule.claim_run(store, a[0], a[1], 60),
+                            [(first, "host:1:b"), (second, "host:2:b")]))
+    assert sorted(got) == ["busy", "claimed"], got
+    waiting = second if got[0] == "claimed" else first
+    # Another repository trains at the same time.
+    assert schedule.claim_run(store, other, "host:2:b", 60) == "claimed"
+    with store.session() as s:
+        running = s.scalars(select(TrainingRun.repo).where(TrainingRun.state == "running")).all()
+        assert sorted(running) == ["acme/app", "acme/other"]
+        waiter = s.get(TrainingRun, waiting)
+        assert waiter.state == "queued" and waiter.lease_until is not None  # waits its turn
+    # The waiting run is not handed out again before its time, even by the sweep.
+    assert schedule.claim_run(store, waiting, "host:3:b", 60) == "waiting"
+    assert waiting not in schedule.recoverable_runs(store, queued_after=0)
+
+    # The worker of acme/app dies (its process is gone): the sweep finds the run, another
+    # worker takes it over (a second claim), and a live worker's run is left alone.
+    dead = _dead_owner()
+    running_id = first if waiting == second else second
+    with store.session() as s:
+        s.get(TrainingRun, running_id).lease_owner = dead
+    found = schedule.recoverable_runs(store, queued_after=0)
+    assert running_id in found and other not in found
+    assert schedule.claim_run(store, other, "host:9:b", 60) == "running"
+    assert schedule.claim_run(store, running_id, "host:4:b", 60) == "claimed"
+    with store.session() as s:
+        run = s.get(TrainingRun, running_id)
+        assert (run.runs, run.lease_owner, run.state) == (2, "host:4:b", "running")
+    assert schedule.renew_run(store, running_id, "host:4:b", 60)
+    assert not schedule.renew_run(store, running_id, dead, 60)  # the old owner lost it
+    # An expired lease is taken over too, even when its owner is on another machine.
+    with store.session() as s:
+        s.get(TrainingRun, other).lease_until = datetime(2000, 1, 1)
+    assert other in schedule.recoverable_runs(store, queued_after=0)
+    store.close()
+
+
+def test_a_run_whose_enqueue_was_lost_is_enqueued_by_the_sweep(tmp_path, db_url):
+    """`retrain_now` without a queue (or an enqueue lost in a crash) records the run; the
+    recovery sweep every worker runs (at start and each minute) puts it on the queue."""
+    settings = make_settings(tmp_path / "home", db_url, training=small_training(
+        min_new_examples=50))
+    runtime = build_runtime(settings)
+    repo = make_history(tmp_path, runtime.store, people=2, newest=0)
+    run_id = schedule.retrain_now(settings, runtime.store, str(repo), "maintainer")  # no queue
+    assert schedule.recoverable_runs(runtime.store) == []  # just recorded: not lost yet
+    assert schedule.recoverable_runs(runtime.store, queued_after=0) == [run_id]
+    huey = build_queue(settings, lambda: runtime)
+    huey.immediate = True
+    with runtime.store.session() as s:  # recorded a while ago
+        s.get(TrainingRun, run_id).created_at = datetime(2000, 1, 1)
+    from bot.runtime import recover_training
+
+    assert recover_training(runtime, huey.codeloop_train) == 1
+    run = registry.last_training_run(runtime.store, str(repo))
+    assert run["state"] == "skipped" and run["runs"] == 1, run
+    assert recover_training(runtime, huey.codeloop_train) == 0
+    runtime.close()

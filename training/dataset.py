@@ -741,8 +741,9 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
         ]
     merged_prs = {row["pr"] for row in change_rows if row["pr"] and row["base_ref"] != ""}
     for pr_id, pr in pr_rows.items():
-        pr["state"] = outcome(pr["state"], pr["signals"], pr_id in merged_prs,
-                              _forge_says_merged(c, repo, pr))
+        pr["state"] = outcome(pr["state"], pr["signals"], pr_id in merged_prs)
+        if pr["state"] == "closed" and _forge_says_merged(c, repo, pr):
+            pr["state"] = "merged"
 
     merged_by_pr = {}
     for row in change_rows:
@@ -843,12 +844,11 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
 STATE_KINDS = {"merged": "merged", "closed_unmerged": "closed", "reopened": "open"}
 
 
-def outcome(stored: str, signals: list[dict], has_merged_change: bool,
-            forge_merged: bool | None = None) -> str:
+def outcome(stored: str, signals: list[dict], has_merged_change: bool) -> str:
     """How a pull request ended, from its whole history: a merge is final (a merged pull
     request cannot be reopened), so any record of one wins; otherwise the latest state
     signal (closed / reopened) wins over the stored state."""
-    if has_merged_change or forge_merged or stored == "merged":
+    if has_merged_change or stored == "merged":
         return "merged"
     if any(g["kind"] == "merged" for g in signals):
         return "merged"

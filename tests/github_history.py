@@ -35,7 +35,10 @@ ANSWER_B = (
     'textstats.py\n```python\n"""Counting helpers."""\n\n\ndef count_words(text):\n'
     '    """How many words the text has."""\n    return len(text.split())\n```\n'
 )
-NAMES = '"""Name helpers."""\n\n\ndef initials(name):\n    return "".join(w[0] for w in name.split())\n'
+NAMES = (
+    '"""Name helpers."""\n\n\ndef initials(name):\n'
+    '    return "".join(w[0] for w in name.split())\n'
+)
 RELEASE = '"""Release notes."""\n\nVERSION = "1.0.1"\n'
 FILES = {**SAMPLE_FILES, ".codeloop.yml": "test_command: python -m pytest -q\n"}
 

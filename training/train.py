@@ -159,6 +159,8 @@ def _save_callback(hook: Callable[[], None]):
 
 
 def _common_args(cfg: TrainingSettings, out: Path, steps: int | None, cpu: bool) -> dict:
+    if steps is None and cfg.max_steps > 0:  # a short run set in the settings
+        steps = cfg.max_steps
     return dict(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,

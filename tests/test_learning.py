@@ -381,3 +381,42 @@ def test_a_run_whose_enqueue_was_lost_is_enqueued_by_the_sweep(tmp_path, db_url)
     assert run["state"] == "skipped" and run["runs"] == 1, run
     assert recover_training(runtime, huey.codeloop_train) == 0
     runtime.close()
+
+
+def test_the_gates_tests_metric_runs_the_repositorys_tests_on_the_edited_base(tmp_path):
+    """"tests passing": the generated edit applied at the held-out change's base, then the
+    repository's test command in the sandbox. A correct edit passes, one that breaks a test
+    fails, one that cannot be applied (a SEARCH that matches nowhere) fails; a drop in the rate beyond
+    its interval makes the gate reject even with a better loss."""
+    import subprocess
+
+    from bot.demo import SAMPLE_FILES, make_sample_repo
+    from bot.ports import FileEdit, SearchReplace
+    from bot.settings import parse_repo_config
+    from inference.edits import apply_edits
+    from training.evaluate import _tests_pass, decide
+
+    settings = make_settings(tmp_path / "home")
+    repo = make_sample_repo(tmp_path / "repo")
+    base = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    config = parse_repo_config(SAMPLE_FILES[".codeloop.yml"])
+    assert config.test_command == "python -m pytest -q"
+    helpers = SAMPLE_FILES["textutil.py"]
+    good = [FileEdit("textutil.py", content=helpers + "\n\ndef whisper(text):\n"
+                     "    return text.lower() + '...'\n")]
+    broken = [FileEdit("textutil.py", content=helpers.replace('+ "!"', '+ "?"'))]
+    nowhere = [FileEdit("textutil.py", replacements=(SearchReplace("def nowhere():", "x"),))]
+    assert _tests_pass(settings, repo, base, good, config, apply_edits) is True
+    assert _tests_pass(settings, repo, base, broken, config, apply_edits) is False
+    assert _tests_pass(settings, repo, base, nowhere, config, apply_edits) is False
+
+    loss = {"candidate": [0.5] * 8, "active": [0.9] * 8}
+    report = decide({"loss": loss["candidate"], "tests": [True, False] + [False] * 6},
+                    {"loss": loss["active"], "tests": [True] * 8}, settings)
+    assert report["decision"] == "reject"
+    assert report["metrics"]["tests"]["worse"] and report["metrics"]["loss"]["better"]
+    assert any("tests rate dropped: 12% vs 100%" in r for r in report["reasons"])
+    same = decide({"loss": loss["candidate"], "tests": [True] * 8},
+                  {"loss": loss["active"], "tests": [True] * 8}, settings)
+    assert same["decision"] == "promote" and not same["metrics"]["tests"]["worse"]

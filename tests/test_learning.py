@@ -420,3 +420,65 @@ def test_the_gates_tests_metric_runs_the_repositorys_tests_on_the_edited_base(tm
     same = decide({"loss": loss["candidate"], "tests": [True] * 8},
                   {"loss": loss["active"], "tests": [True] * 8}, settings)
     assert same["decision"] == "promote" and not same["metrics"]["tests"]["worse"]
+
+
+def test_execution_verified_preferences_from_stored_candidates(tmp_path, db_url):
+    """When the store has the pipeline's candidates (best of N, table `candidates`), a prompt
+    with a passing and a failing answer becomes a preference pair and KTO labels, counted
+    apart from the review-derived ones; a prompt where nothing passed gives nothing."""
+    import sqlalchemy as sa
+
+    from bot.store.models import Job
+
+    settings = make_settings(tmp_path / "home", db_url, training=small_training())
+    store = Store(settings.database_url)
+    repo = make_history(tmp_path, store)
+    table = sa.Table(  # the shape the validation feature stores (its migration makes it)
+        "candidates", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("job_id", sa.Integer, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("idx", sa.Integer, nullable=False),
+        sa.Column("prompt", sa.JSON, nullable=False),
+        sa.Column("text", sa.Text, nullable=False),
+        sa.Column("model", sa.String(200), nullable=False),
+        sa.Column("ok", sa.Boolean, nullable=False),
+        sa.Column("chosen", sa.Boolean, nullable=False),
+        sa.Column("score", sa.JSON, nullable=False),
+        sa.Column("reason", sa.Text),
+        sa.Column("validation", sa.JSON, nullable=False),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+    )
+    table.create(store.engine, checkfirst=True)  # made by the store's migrations once merged
+    with store.session() as s:
+        job_id = s.scalar(select(Job.id).order_by(Job.id))
+    prompt = {"messages": [{"role": "system", "content": "You edit code."},
+                           {"role": "user", "content": "Add last_word(text) to textutil.py"}]}
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+
+    def cand(attempt, idx, text, ok, chosen=False):
+        return {"job_id": job_id, "attempt": attempt, "idx": idx, "prompt": prompt,
+                "text": text, "model": "m", "ok": ok, "chosen": chosen, "score": [],
+                "reason": None if ok else "tests failed", "validation": {}, "created_at": now}
+
+    with store.engine.begin() as conn:
+        conn.execute(table.insert(), [
+            cand(1, 0, "textutil.py\n```python\ndef last_word(t):\n    return t.split()[-1]\n```",
+                 False),
+            cand(1, 1, "textutil.py\n```python\ndef last_word(t):\n    w = t.split()\n"
+                 "    return w[-1] if w else ''\n```", True, chosen=True),
+            cand(1, 2, "textutil.py\n```python\ndef last_word(t):\n    return t[-1]\n```", False),
+            cand(2, 0, "nothing passed here", False),
+            cand(2, 1, "nor here", False),
+        ])
+    data = build_dataset(settings, store, str(repo))
+    card = data.card
+    assert card["built_by_source"]["candidate_preference"] == 1
+    assert card["preference_by_source"] == {"preference": 1, "candidate_preference": 1}
+    assert card["kto_by_source"]["candidate_kto"] == 3
+    (pair,) = [e for e in data.preference if e.source == "candidate_preference"]
+    assert "if w else" in pair.chosen and pair.rejected.endswith("return t.split()[-1]\n```")
+    labels = sorted(e.label for e in data.kto if e.source == "candidate_kto")
+    assert labels == [False, False, True]
+    assert not any(e.source.startswith("candidate") for e in data.sft)  # failed code: never SFT
+    store.close()

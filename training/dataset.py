@@ -12,6 +12,9 @@ from the store and returns a `TrainingData` with
 - `kto`: bot revisions labelled by how they were received (approved / merged unchanged →
   desirable; changes requested / closed unmerged → undesirable). Closed code only ever
   appears here, never in SFT.
+- execution-verified (when the store has the pipeline's `candidates`): answers to one prompt
+  that passed and failed validation become a preference pair and KTO labels, counted
+  separately in the card (`preference_by_source`, `kto_by_source`).
 
 Hygiene: examples with secrets are dropped (detect-secrets, offline regex plugins only, plus
 codeloop's own configured secrets); vendored, generated, lock and binary files are removed
@@ -633,6 +636,8 @@ def build_dataset(
     secrets = settings.secret_values()
     try:
         merged, review_sft, pref, kto = _collect(c, store, repo, built)
+        cand_pref, cand_kto = _candidate_examples(c, store, repo, built)
+        pref, kto = pref + cand_pref, kto + cand_kto
     finally:
         if checkout is not None:
             checkout.close()
@@ -695,6 +700,8 @@ def build_dataset(
             "kto_undesirable": sum(1 for e in kto if e.label is False),
         },
         "sft_by_source": dict(Counter(e.source for e in sft)),
+        "preference_by_source": dict(Counter(e.source for e in pref)),
+        "kto_by_source": dict(Counter(e.source for e in kto)),
         "holdout_share": cfg.holdout_share,
         "heldout_from": cutoff.isoformat() if cutoff else None,
         "data_from": min(all_when).isoformat() if all_when else None,
@@ -884,6 +891,53 @@ def _not_training_material(c: _Context, row: dict) -> str | None:
         if on is False:
             return "not_training_branch"
     return None
+
+
+def _candidate_examples(c: _Context, store: Store, repo: str,
+                        built: Counter) -> tuple[list[Example], list[Example]]:
+    """Execution-verified preferences from the pipeline's stored candidates (best of N), when
+    the store has them (table `candidates`: one row per generated answer of one prompt, with
+    `ok` = passed validation). For each prompt with a passing and a failing answer: a
+    preference pair (the kept passing answer chosen, a failing one rejected) and each answer
+    as a KTO example labelled by whether it passed. Prompts where nothing passed are left
+    out: there the failure may be the environment's, not the answer's."""
+    from sqlalchemy import MetaData, Table, inspect
+
+    if not inspect(store.engine).has_table("candidates"):
+        return [], []
+    table = Table("candidates", MetaData(), autoload_with=store.engine)
+    jobs = select(Job.id).join(Request, Request.id == Job.request_id).where(
+        Request.repo == repo)
+    with store.session() as s:
+        rows = s.execute(select(table).where(table.c.job_id.in_(jobs))
+                         .order_by(table.c.job_id, table.c.attempt, table.c.idx)).mappings().all()
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault((row["job_id"], row["attempt"]), []).append(row)
+    pref: list[Example] = []
+    kto: list[Example] = []
+    for (job_id, attempt), group in groups.items():
+        passed = sorted((r for r in group if r["ok"]), key=lambda r: not r.get("chosen"))
+        failed = [r for r in group if not r["ok"]]
+        if not passed or not failed:
+            continue
+        prompt = (group[0]["prompt"] or {}).get("messages") or []
+        if not prompt:
+            continue
+        when = max(r["created_at"] for r in group)
+        built["candidate_preference"] += 1
+        good, bad = passed[0]["text"], failed[0]["text"]
+        pref.append(Example(
+            key=f"candidate-pref:{job_id}:{attempt}", kind="preference",
+            source="candidate_preference", prompt=prompt, chosen=good, rejected=bad, when=when,
+            meta={"job_id": job_id, "attempt": attempt, "change": good + "\n" + bad}))
+        for r in group:
+            built["candidate_kto"] += 1
+            kto.append(Example(
+                key=f"candidate-kto:{r['id']}", kind="kto", source="candidate_kto",
+                prompt=prompt, completion=r["text"], label=bool(r["ok"]), when=r["created_at"],
+                meta={"candidate_id": r["id"], "label": bool(r["ok"]), "change": r["text"]}))
+    return pref, kto
 
 
 def _dedupe(examples: list[Example], threshold: float, drops: Counter) -> list[Example]:

@@ -386,8 +386,8 @@ def test_a_run_whose_enqueue_was_lost_is_enqueued_by_the_sweep(tmp_path, db_url)
 def test_the_gates_tests_metric_runs_the_repositorys_tests_on_the_edited_base(tmp_path):
     """"tests passing": the generated edit applied at the held-out change's base, then the
     repository's test command in the sandbox. A correct edit passes, one that breaks a test
-    fails, one that cannot be applied (a SEARCH that matches nowhere) fails; a drop in the rate beyond
-    its interval makes the gate reject even with a better loss."""
+    fails, one that cannot be applied (a SEARCH that matches nowhere) fails; a drop in the
+    rate beyond its interval makes the gate reject even with a better loss."""
     import subprocess
 
     from bot.demo import SAMPLE_FILES, make_sample_repo

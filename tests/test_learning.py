@@ -482,3 +482,32 @@ def test_execution_verified_preferences_from_stored_candidates(tmp_path, db_url)
     assert labels == [False, False, True]
     assert not any(e.source.startswith("candidate") for e in data.sft)  # failed code: never SFT
     store.close()
+
+
+def test_upgrading_with_two_runs_of_one_repository_running_keeps_the_newest(db_url):
+    """Before leases two runs of one repository could both be `running`; the migration that
+    allows one ends the older and leaves the newest for the recovery sweep."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from bot.store.db import _alembic_config, make_engine
+
+    engine = make_engine(db_url)
+    cfg = _alembic_config(engine)
+    command.upgrade(cfg, "0005")
+    with engine.begin() as c:
+        for i, (repo, state) in enumerate([("a", "running"), ("a", "running"), ("b", "running"),
+                                           ("a", "queued")]):
+            c.execute(text(
+                "INSERT INTO training_runs (key, repo, trigger, state, dataset_card, losses, "
+                "timings, created_at) VALUES (:k, :r, 'manual', :s, '{}', '[]', '{}', "
+                "CURRENT_TIMESTAMP)"), {"k": f"k{i}", "r": repo, "s": state})
+    command.upgrade(cfg, "head")
+    with engine.begin() as c:
+        rows = c.execute(text("SELECT repo, state, runs FROM training_runs ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [("a", "failed", 0), ("a", "running", 0),
+                                        ("b", "running", 0), ("a", "queued", 0)]
+    store = Store(db_url)
+    assert sorted(schedule.recoverable_runs(store, queued_after=0)) == [2, 3, 4]
+    store.close()
+    engine.dispose()

@@ -20,6 +20,17 @@ def upgrade() -> None:
         batch.add_column(sa.Column("runs", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("lease_owner", sa.String(length=200), nullable=True))
         batch.add_column(sa.Column("lease_until", sa.DateTime(), nullable=True))
+    # Before leases, two runs of one repository could both be `running` (or stuck there after
+    # a crash). Keep the newest per repository (the recovery sweep takes it over: it has no
+    # lease) and end the others, so the one-running-run index can be built.
+    op.execute(
+        "UPDATE training_runs SET state = 'failed', "
+        "reason = 'interrupted: a newer run of this repository was running when codeloop "
+        "was upgraded' "
+        "WHERE state = 'running' AND id NOT IN "
+        "(SELECT max_id FROM (SELECT max(id) AS max_id FROM training_runs "
+        "WHERE state = 'running' GROUP BY repo) AS newest)"
+    )
     op.create_index("uq_training_runs_one_running", "training_runs", ["repo"], unique=True,
                     sqlite_where=RUNNING, postgresql_where=RUNNING)
     with op.batch_alter_table("merged_changes") as batch:

@@ -1,12 +1,14 @@
 """Learning-loop benchmark on a real repository's git history.
 
     python bench/learning.py REPO_PATH [--commits 40] [--steps 6] [--max-seq-len 384]
+        [--replay-jobs N]
 
 Commits become merged changes (their messages the requirements), the dataset builder splits
 them by time, codeloop's trainer trains on the older part, and the table shows the held-out
 mean token loss before and after, and training tokens/s with the padding share against a
 plain TRL `SFTTrainer` with its default settings (same data, same LoRA config, same number
-of examples seen).
+of examples seen). With `--replay-jobs N` it also runs bench/replay.py on the held-out
+commits with the base model and with the adapter (resolved share through the whole pipeline).
 """
 
 from __future__ import annotations
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-budget", type=float, default=900,
                    help="seconds the plain SFTTrainer run may take before it is stopped")
     p.add_argument("--plain-child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--replay-jobs", type=int, default=0,
+                   help="also replay up to N held-out commits through the whole pipeline with "
+                   "the base model and with the adapter (bench/replay.py, when present)")
     args = p.parse_args(argv)
     if args.plain_child:
         out, model_dir, seen = Path(args.plain_child[0]), Path(args.plain_child[1]), \
@@ -193,7 +198,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| TRL SFTTrainer {plain['note']} (gradient checkpointing "
               f"{plain['gradient_checkpointing']}, bf16 {plain['bf16']}) | {plain['steps']} x "
               f"{plain['batch']} | {plain['tokens']} | {secs} | {rate_text} | {share:.1%} |")
+    if args.replay_jobs:
+        replay_heldout(repo, len(data.heldout), args.replay_jobs, result.adapter_dir)
     return 0
+
+
+def replay_heldout(repo: Path, heldout: int, jobs: int, adapter: Path) -> None:
+    """Resolved share on the held-out (newest) commits, base vs adapter: bench/replay.py looks
+    at the newest `heldout` commits only and prints its table per model."""
+    import subprocess
+
+    replay = Path(__file__).with_name("replay.py")
+    if not replay.exists():
+        print("\nreplay: bench/replay.py is not in this checkout; no resolved share")
+        return
+    from inference.backends.embedded import EMBEDDED_MODEL_NAME
+
+    print(f"\nreplay of the {heldout} held-out commits (bench/replay.py), base vs adapter:",
+          flush=True)
+    subprocess.run([sys.executable, str(replay), str(repo), "--commits", str(heldout),
+                    "--jobs", str(jobs), "--model", EMBEDDED_MODEL_NAME, "--model",
+                    str(adapter)], check=False)
 
 
 if __name__ == "__main__":

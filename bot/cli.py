@@ -175,9 +175,13 @@ def cmd_review(args: argparse.Namespace, settings: Settings) -> int:
     except SignalError as exc:
         return _fail(str(exc))
     _print(f"recorded: {kind} on #{args.number}")
-    if outcome.revision_job_id is not None:
-        _print(f"revising #{args.number} (job {outcome.revision_job_id})")
-        result = execute(runtime, outcome.revision_job_id)
+    wanted = outcome.revision
+    if wanted is not None:  # the review asks for a revision: this edge starts it
+        job_id, _ = jobs.submit_revision(
+            runtime.store, request_id=wanted.request_id, pull_request_id=wanted.pull_request_id,
+            feedback=wanted.feedback, key=wanted.key)
+        _print(f"revising #{args.number} (job {job_id})")
+        result = execute(runtime, job_id)
         if result.state != "succeeded":
             return _fail(f"revision job {result.job_id} {result.state}: {result.error}", code=1)
         _print_result(result.result)
@@ -205,7 +209,9 @@ def cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.runtime import build_queue, build_runtime, recover, start_delivery_consumer
+    from bot.runtime import (
+        build_queue, build_runtime, recover, recover_training, start_delivery_consumer,
+    )
 
     problem = sandbox_problem(settings)
     if problem:
@@ -213,10 +219,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     runtime = build_runtime(settings)
     huey = build_queue(settings, lambda: runtime)
     _report_model_server(settings)
-    # Jobs whose worker died (on this host) resume at once; others when their lease ends.
+    # Jobs and training runs whose worker died (on this host) resume at once; others when
+    # their lease ends.
     recover(runtime, huey.codeloop_run_job)
     logging.getLogger("huey").setLevel(logging.WARNING)
     deliveries_consumer = start_delivery_consumer(huey)  # clicks and replies never wait on jobs
+    recover_training(runtime, huey.codeloop_train)
     consumer = huey.create_consumer(
         workers=settings.queue.workers, worker_type="thread", periodic=True, check_worker_health=True
     )
@@ -498,14 +506,22 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from bot.store.db import Store
     from training import registry, schedule
 
+    from bot.runtime import build_runtime, training_enqueue
+
     store = Store(settings.database_url)
     repo = _repo_key(args.repo)
     run_id = schedule.retrain_now(settings, store, repo, _user() or "cli",
-                                  enqueue=None if args.queue else (lambda _id: None))
+                                  enqueue=training_enqueue(settings) if args.queue
+                                  else (lambda _id: None))
     if args.queue:
         _print(f"training run {run_id} queued; a `codeloop worker` runs it")
         return 0
-    run = schedule.run_training(settings, store, run_id, max_steps=args.max_steps)
+    runtime = build_runtime(settings)  # the repository's forge: where its history is read
+    try:
+        run = schedule.run_training(settings, store, run_id, max_steps=args.max_steps,
+                                    source=runtime.ports.forge)
+    finally:
+        runtime.close()
     _print(f"training run {run_id}: {run['state']} — {run['reason']}")
     if run["model_version_id"]:
         _print(registry.format_version(registry.get_version(store, run["model_version_id"])))

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import socket
-import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from bot import leases
 from bot.store.db import Store
 from bot.store.models import Job, Request, utcnow
 
@@ -133,35 +130,15 @@ def add_job(
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_boot_id()}"
+    return leases.worker_id()
 
 
 def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-    except OSError:
-        return "-"
+    return leases.boot_id()
 
 
 def _owner_is_dead(owner: str | None) -> bool:
-    """True when the lease owner was a process on this host (this boot) that no longer runs."""
-    if not owner:
-        return True
-    try:
-        host, pid, boot = owner.rsplit(":", 2)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return False
-    if boot != _boot_id():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+    return leases.owner_is_dead(owner)
 
 
 def claim(store: Store, job_id: int, owner: str, lease_seconds: int) -> bool:
@@ -240,29 +217,12 @@ def defer(store: Store, job_id: int, owner: str, *, delay_seconds: float, note: 
         return result.rowcount == 1
 
 
-class Heartbeat:
+class Heartbeat(leases.Heartbeat):
     """Renews a job's lease on a background thread while the job runs."""
 
     def __init__(self, store: Store, job_id: int, owner: str, lease_seconds: int):
-        self._args = (store, job_id, owner, lease_seconds)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
-
-    def _run(self) -> None:
-        interval = max(1.0, self._args[3] / 3)
-        while not self._stop.wait(interval):
-            try:
-                renew(*self._args)
-            except Exception:  # noqa: BLE001 - a missed renewal is retried next beat
-                log.warning("lease renewal failed for job %s", self._args[1], exc_info=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().__init__(lambda: renew(store, job_id, owner, lease_seconds), lease_seconds,
+                         f"job {job_id}")
 
 
 def recoverable_jobs(store: Store, lease_seconds: int) -> list[int]:

@@ -118,10 +118,16 @@ class Runtime:
     delivery_handlers: dict[str, Handler] = field(default_factory=dict)
     # Puts a job on the queue; set by build_queue (without a queue, the recovery sweep runs it).
     enqueue_job: Callable[[int], object] | None = None
+    # Puts a training run on the queue; set by build_queue (without it, the sweep enqueues).
+    enqueue_training: Callable[[int], object] | None = None
 
     def enqueue(self, job_id: int) -> None:
         if self.enqueue_job is not None:
             self.enqueue_job(job_id)
+
+    def enqueue_train(self, run_id: int) -> None:
+        if self.enqueue_training is not None:
+            self.enqueue_training(run_id)
 
     def close(self) -> None:
         self.store.close()
@@ -168,6 +174,7 @@ def build_runtime(
         by_source["slack"] = SlackNotifier(store, slack,
                                            interval=settings.slack.update_interval_seconds)
         handlers["slack"] = SlackHandler(settings, store, slack, ports.forge, runtime.enqueue)
+        handlers["slack"].enqueue_training = runtime.enqueue_train
 
     from bot import github
 
@@ -308,6 +315,7 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
             if "runtime" not in state:
                 state["runtime"] = runtime_factory()
                 state["runtime"].enqueue_job = run_job_task
+                state["runtime"].enqueue_training = train_task
             return state["runtime"]
 
     @huey.task(name="codeloop.run_job")
@@ -329,15 +337,18 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
         for pk in lost:
             log.info("delivery row %s: re-enqueued (its first enqueue was lost)", pk)
             handle_delivery_task(pk)
-        return recover(rt, run_job_task) + len(lost)
+        return recover(rt, run_job_task) + recover_training(rt, train_task) + len(lost)
 
     @huey.task(name="codeloop.train")
     def train_task(run_id: int) -> str:
-        from training.schedule import run_training
+        from training.schedule import BUSY_RETRY_SECONDS, run_training
 
         rt = runtime()
         loaded = rt.backend._backend  # promote into the embedded backend if this worker has it
-        return run_training(rt.settings, rt.store, run_id, backend=loaded)["state"]
+        run = run_training(rt.settings, rt.store, run_id, backend=loaded, source=rt.ports.forge)
+        if run.get("claim") == "busy":  # its repository is training elsewhere: wait a turn
+            train_task.schedule(args=(run_id,), delay=BUSY_RETRY_SECONDS)
+        return run["state"]
 
     huey.codeloop_run_job = run_job_task  # type: ignore[attr-defined]
     huey.codeloop_train = train_task  # type: ignore[attr-defined]
@@ -356,6 +367,23 @@ def start_delivery_consumer(huey, workers: int = DELIVERY_WORKERS):
     )
     consumer.start()
     return consumer
+
+
+def recover_training(runtime: Runtime, enqueue: Callable[[int], object]) -> int:
+    """Re-enqueue training runs that lost their worker or their enqueue (none without the
+    learning loop in this build)."""
+    try:
+        from training.schedule import recover_runs
+    except ImportError:
+        return 0
+    return recover_runs(runtime.store, enqueue)
+
+
+def training_enqueue(settings: Settings) -> Callable[[int], object]:
+    """What puts a training run on the queue, for the edges that record runs (Slack, the
+    dashboard, the CLI, the scheduler)."""
+    huey = build_queue(settings, lambda: build_runtime(settings))
+    return huey.codeloop_train
 
 
 def recover(runtime: Runtime, enqueue: Callable[[int], object]) -> int:

@@ -41,7 +41,7 @@ def drain_deliveries(app, timeout: float = 10.0) -> None:
         recorder.drain(timeout)
 
 
-def scheduler_runner() -> Callable[[Settings, threading.Event], None] | None:
+def scheduler_runner() -> Callable[..., None] | None:
     """training.schedule.run_scheduler when this build has the learning loop, else None."""
     try:
         from training.schedule import run_scheduler
@@ -77,9 +77,10 @@ class Service:
         return build_queue(self.settings, lambda: runtime)
 
     def _start_worker(self, huey) -> None:
-        from bot.runtime import recover, start_delivery_consumer
+        from bot.runtime import recover, recover_training, start_delivery_consumer
 
         recover(self.runtime, huey.codeloop_run_job)
+        recover_training(self.runtime, huey.codeloop_train)
         # Deliveries (clicks, commands, replies, webhooks) on their own queue and threads.
         self._delivery_consumer = start_delivery_consumer(huey)
         consumer = huey.create_consumer(
@@ -121,7 +122,10 @@ class Service:
         if runner is None:
             log.warning("scheduler: retraining is not part of this build (no training package)")
             return
-        self._spawn("scheduler", lambda: runner(self.settings, self.stop))
+        from bot.runtime import training_enqueue
+
+        enqueue = training_enqueue(self.settings)
+        self._spawn("scheduler", lambda: runner(self.settings, self.stop, enqueue))
 
     def _start_socket_mode(self, huey) -> None:
         """Slack events over a websocket (no public URL): stored and enqueued like HTTP ones."""

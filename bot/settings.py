@@ -447,6 +447,11 @@ class RepoConfig(BaseModel):
     model: str | None = Field(default=None, description="Model or adapter name for this repository.")
     max_file_bytes: int = Field(default=200_000, ge=1, description="Largest file an edit may write.")
     labels: list[str] = Field(default_factory=list, description="Labels put on pull requests.")
+    training_branches: list[str] = Field(
+        default_factory=list,
+        description="Branches besides the default branch (and `base_branch`) whose merged pull "
+        "requests are training material; merges into other branches are not.",
+    )
 
     @field_validator("allowed_paths", "protected_paths")
     @classmethod

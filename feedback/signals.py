@@ -3,6 +3,10 @@
 Each signal is linked to the pull request, the revision it judged (the newest at the time)
 and the model version that wrote that revision. `(source, external_id)` is unique, so a
 redelivered review is stored once.
+
+Recording a signal starts no work: a review that asks for a revision comes back as a
+`RevisionWanted` decision, and the edge that received the review (the CLI, the GitHub or
+Slack handler) submits the revision job. The forge that merges is passed in.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from bot import git, jobs
-from bot.forges import Forge, ForgeError, RepoInfo
+from bot import git
 from bot.store.db import Store
 from bot.store.models import MergedChange, PullRequest, ReviewSignal, utcnow
 
@@ -30,10 +33,30 @@ class SignalError(ValueError):
 
 
 @dataclass(frozen=True)
+class RevisionWanted:
+    """The review asks the bot to revise the pull request: the job the caller submits
+    (`bot.jobs.submit_revision` takes these fields), once per `key`."""
+
+    request_id: int
+    pull_request_id: int
+    feedback: str
+    key: str
+
+
+@dataclass(frozen=True)
 class ReviewOutcome:
     signal_id: int
     created: bool
-    revision_job_id: int | None  # set when the review asks the bot for a revision
+    revision: RevisionWanted | None  # set when the review asks the bot for a revision
+
+
+@dataclass(frozen=True)
+class _RepoRef:
+    """The repository as a forge's `merge` reads it (the fields of bot.forges.RepoInfo)."""
+
+    repo: str
+    clone_url: str
+    default_branch: str
 
 
 def record_signal(
@@ -98,7 +121,8 @@ def _open_pr(s, pr_id: int, already: str = "is") -> PullRequest:
 def record_local_review(
     store: Store, pr_id: int, *, kind: str, body: str | None, author: str | None
 ) -> ReviewOutcome:
-    """A review from `codeloop review`; changes requested start a revision job."""
+    """A review from `codeloop review`; changes requested ask for a revision (the caller
+    submits it)."""
     with store.session() as s:
         request_id = _open_pr(s, pr_id).request_id
     if kind == "changes_requested" and not (body or "").strip():
@@ -107,22 +131,22 @@ def record_local_review(
     signal_id, created = record_signal(
         store, pr_id, kind=kind, source="local", external_id=external_id, body=body, author=author
     )
-    job_id = None
+    wanted = None
     if kind == "changes_requested":
-        job_id, _ = jobs.submit_revision(
-            store, request_id=request_id, pull_request_id=pr_id, feedback=body.strip(),
-            key=f"revise:local:{signal_id}",
-        )
-    return ReviewOutcome(signal_id=signal_id, created=created, revision_job_id=job_id)
+        wanted = RevisionWanted(request_id=request_id, pull_request_id=pr_id,
+                                feedback=body.strip(), key=f"revise:local:{signal_id}")
+    return ReviewOutcome(signal_id=signal_id, created=created, revision=wanted)
 
 
-def merge_local(store: Store, forge: Forge, pr_id: int, *, author: str | None) -> str:
+def merge_local(store: Store, forge, pr_id: int, *, author: str | None) -> str:
+    """Merge a local pull request with `forge` (the local forge) and record it: the merged
+    change (training material) and the `merged` signal. Returns the merge commit."""
     with store.session() as s:
         pr = _open_pr(s, pr_id, "is already")
-        repo = RepoInfo(repo=pr.repo, clone_url=pr.repo, default_branch=pr.base_branch)
+        repo = _RepoRef(repo=pr.repo, clone_url=pr.repo, default_branch=pr.base_branch)
         branch, base, title, number = pr.branch, pr.base_branch, pr.title, pr.number
     if not Path(repo.repo).exists():
-        raise ForgeError(f"the repository {repo.repo} no longer exists")
+        raise SignalError(f"the repository {repo.repo} no longer exists")
     sha = forge.merge(repo, branch=branch, base=base, message=f"Merge #{number}: {title}")
     top = Path(repo.repo)
     base_sha = git.rev(top, f"{sha}^1")

@@ -247,10 +247,43 @@ class FakeGitHub:
                 ids.append(cid)
             return review_id, ids
 
-    def merge_pull(self, repo: FakeRepo, number: int) -> str:
-        """Merge a pull request the way the merge button does (a merge commit on the base)."""
+    def open_pull(
+        self, repo: FakeRepo, head: str, base: str, title: str, body: str, user: str
+    ) -> int:
+        """A person's pull request from branch `head` (already pushed) into `base`."""
+        with self.lock:
+            number = self._next_number(repo)
+            repo.issues[number] = {
+                "id": self.next_id(),
+                "title": title,
+                "body": body,
+                "user": user,
+                "state": "open",
+                "labels": [],
+                "pull": True,
+                "created_at": _now(),
+            }
+            repo.pulls[number] = {
+                "id": self.next_id(),
+                "head": head,
+                "base": base,
+                "state": "open",
+                "merged": False,
+            }
+            return number
+
+    def reopen_pull(self, repo: FakeRepo, number: int) -> None:
+        with self.lock:
+            repo.pulls[number].update(state="open", merged=False, closed_at=None)
+            repo.issues[number]["state"] = "open"
+
+    def merge_pull(self, repo: FakeRepo, number: int, merged_at: datetime | None = None) -> str:
+        """Merge a pull request the way the merge button does (a merge commit on the base).
+
+        `merged_at`: the time GitHub reports (default now)."""
         with self.lock:
             pull = repo.pulls[number]
+            pull["base_sha_at_merge"] = self.branch_sha(repo, pull["base"])
             with tempfile.TemporaryDirectory() as tmp:
                 work = Path(tmp) / "w"
                 _git(tmp, "clone", "--quiet", "--branch", pull["base"], str(repo.path), str(work))
@@ -266,7 +299,12 @@ class FakeGitHub:
                 )
                 _git(work, "push", "--quiet", "origin", f"HEAD:refs/heads/{pull['base']}")
                 sha = _git(work, "rev-parse", "HEAD").strip()
-            pull.update(state="closed", merged=True, merge_commit_sha=sha, closed_at=_now())
+            when = (
+                merged_at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                if merged_at
+                else _now()
+            )
+            pull.update(state="closed", merged=True, merge_commit_sha=sha, closed_at=when)
             repo.issues[number]["state"] = "closed"
             return sha
 
@@ -274,11 +312,6 @@ class FakeGitHub:
         with self.lock:
             repo.pulls[number].update(state="closed", merged=False, closed_at=_now())
             repo.issues[number]["state"] = "closed"
-
-    def reopen_pull(self, repo: FakeRepo, number: int) -> None:
-        with self.lock:
-            repo.pulls[number].update(state="open", merged=False, closed_at=None)
-            repo.issues[number]["state"] = "open"
 
     def add_review_reply(self, repo: FakeRepo, parent: int, user: str, body: str) -> int:
         """A reply inside the thread of review comment `parent` (`in_reply_to_id`)."""
@@ -523,6 +556,15 @@ class FakeGitHub:
             repo.review_comments[cid]["user"],
             action="created",
             comment=self.review_comment_json(self.url, repo, cid),
+            pull_request=self.pull_json(self.url, repo, number),
+        )
+
+    def pull_reopened(self, repo: FakeRepo, number: int, sender: str) -> dict:
+        return self.payload(
+            repo,
+            sender,
+            action="reopened",
+            number=number,
             pull_request=self.pull_json(self.url, repo, number),
         )
 

@@ -277,3 +277,237 @@ def test_schedule_commands(tmp_path):
     missing = cli("schedule", "resume", "--repo", "other/app")
     assert missing.returncode == 2 and "no schedule for other/app" in missing.stderr
     assert "no model versions yet" in cli("models").stdout
+
+
+def test_a_pull_requests_outcome_comes_from_its_whole_history():
+    """A merge is final; otherwise the latest close / reopen wins over the stored state."""
+    from datetime import timedelta
+
+    from training.dataset import outcome
+
+    t = datetime(2026, 3, 1)
+
+    def sig(kind, minutes, i):
+        return {"id": i, "kind": kind, "when": t + timedelta(minutes=minutes)}
+
+    closed, reopened = sig("closed_unmerged", 1, 1), sig("reopened", 2, 2)
+    # Closed, reopened, merged, stored as `closed` with its `merged` signal lost: merged,
+    # because the merged change is there.
+    assert outcome("closed", [closed], has_merged_change=True) == "merged"
+    assert outcome("closed", [closed, sig("merged", 3, 3)], has_merged_change=False) == "merged"
+    assert outcome("closed", [closed, reopened], has_merged_change=False) == "open"
+    assert outcome("open", [reopened, sig("closed_unmerged", 5, 4)], False) == "closed"
+    assert outcome("closed", [], has_merged_change=False) == "closed"
+
+
+def _dead_owner() -> str:
+    import socket
+    import subprocess
+    import sys
+
+    from bot import leases
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:{leases.boot_id()}"
+
+
+def test_one_running_run_per_repository_and_a_dead_workers_run_is_taken_over(tmp_path, db_url):
+    settings = make_settings(tmp_path / "home", db_url, training=small_training())
+    store = Store(settings.database_url)
+    first, _ = schedule.enqueue_training(store, "acme/app", key="k1", trigger="manual",
+                                         requested_by="t", enqueue=None)
+    second, _ = schedule.enqueue_training(store, "acme/app", key="k2", trigger="manual",
+                                          requested_by="t", enqueue=None)
+    other, _ = schedule.enqueue_training(store, "acme/other", key="k3", trigger="manual",
+                                         requested_by="t", enqueue=None)
+    # Two workers race for the two runs of one repository: one trains, the other waits.
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda a: schedule.claim_run(store, a[0], a[1], 60),
+                            [(first, "host:1:b"), (second, "host:2:b")]))
+    assert sorted(got) == ["busy", "claimed"], got
+    waiting = second if got[0] == "claimed" else first
+    # Another repository trains at the same time.
+    assert schedule.claim_run(store, other, "host:2:b", 60) == "claimed"
+    with store.session() as s:
+        running = s.scalars(select(TrainingRun.repo).where(TrainingRun.state == "running")).all()
+        assert sorted(running) == ["acme/app", "acme/other"]
+        waiter = s.get(TrainingRun, waiting)
+        assert waiter.state == "queued" and waiter.lease_until is not None  # waits its turn
+    # The waiting run is not handed out again before its time, even by the sweep.
+    assert schedule.claim_run(store, waiting, "host:3:b", 60) == "waiting"
+    assert waiting not in schedule.recoverable_runs(store, queued_after=0)
+
+    # The worker of acme/app dies (its process is gone): the sweep finds the run, another
+    # worker takes it over (a second claim), and a live worker's run is left alone.
+    dead = _dead_owner()
+    running_id = first if waiting == second else second
+    with store.session() as s:
+        s.get(TrainingRun, running_id).lease_owner = dead
+    found = schedule.recoverable_runs(store, queued_after=0)
+    assert running_id in found and other not in found
+    assert schedule.claim_run(store, other, "host:9:b", 60) == "running"
+    assert schedule.claim_run(store, running_id, "host:4:b", 60) == "claimed"
+    with store.session() as s:
+        run = s.get(TrainingRun, running_id)
+        assert (run.runs, run.lease_owner, run.state) == (2, "host:4:b", "running")
+    assert schedule.renew_run(store, running_id, "host:4:b", 60)
+    assert not schedule.renew_run(store, running_id, dead, 60)  # the old owner lost it
+    # An expired lease is taken over too, even when its owner is on another machine.
+    with store.session() as s:
+        s.get(TrainingRun, other).lease_until = datetime(2000, 1, 1)
+    assert other in schedule.recoverable_runs(store, queued_after=0)
+    store.close()
+
+
+def test_a_run_whose_enqueue_was_lost_is_enqueued_by_the_sweep(tmp_path, db_url):
+    """`retrain_now` without a queue (or an enqueue lost in a crash) records the run; the
+    recovery sweep every worker runs (at start and each minute) puts it on the queue."""
+    settings = make_settings(tmp_path / "home", db_url, training=small_training(
+        min_new_examples=50))
+    runtime = build_runtime(settings)
+    repo = make_history(tmp_path, runtime.store, people=2, newest=0)
+    run_id = schedule.retrain_now(settings, runtime.store, str(repo), "maintainer")  # no queue
+    assert schedule.recoverable_runs(runtime.store) == []  # just recorded: not lost yet
+    assert schedule.recoverable_runs(runtime.store, queued_after=0) == [run_id]
+    huey = build_queue(settings, lambda: runtime)
+    huey.immediate = True
+    with runtime.store.session() as s:  # recorded a while ago
+        s.get(TrainingRun, run_id).created_at = datetime(2000, 1, 1)
+    from bot.runtime import recover_training
+
+    assert recover_training(runtime, huey.codeloop_train) == 1
+    run = registry.last_training_run(runtime.store, str(repo))
+    assert run["state"] == "skipped" and run["runs"] == 1, run
+    assert recover_training(runtime, huey.codeloop_train) == 0
+    runtime.close()
+
+
+def test_the_gates_tests_metric_runs_the_repositorys_tests_on_the_edited_base(tmp_path):
+    """"tests passing": the generated edit applied at the held-out change's base, then the
+    repository's test command in the sandbox. A correct edit passes, one that breaks a test
+    fails, one that cannot be applied (a SEARCH that matches nowhere) fails; a drop in the
+    rate beyond its interval makes the gate reject even with a better loss."""
+    import subprocess
+
+    from bot.demo import SAMPLE_FILES, make_sample_repo
+    from bot.ports import FileEdit, SearchReplace
+    from bot.settings import parse_repo_config
+    from inference.edits import apply_edits
+    from training.evaluate import _tests_pass, decide
+
+    settings = make_settings(tmp_path / "home")
+    repo = make_sample_repo(tmp_path / "repo")
+    base = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    config = parse_repo_config(SAMPLE_FILES[".codeloop.yml"])
+    assert config.test_command == "python -m pytest -q"
+    helpers = SAMPLE_FILES["textutil.py"]
+    good = [FileEdit("textutil.py", content=helpers + "\n\ndef whisper(text):\n"
+                     "    return text.lower() + '...'\n")]
+    broken = [FileEdit("textutil.py", content=helpers.replace('+ "!"', '+ "?"'))]
+    nowhere = [FileEdit("textutil.py", replacements=(SearchReplace("def nowhere():", "x"),))]
+    assert _tests_pass(settings, repo, base, good, config, apply_edits) is True
+    assert _tests_pass(settings, repo, base, broken, config, apply_edits) is False
+    assert _tests_pass(settings, repo, base, nowhere, config, apply_edits) is False
+
+    loss = {"candidate": [0.5] * 8, "active": [0.9] * 8}
+    report = decide({"loss": loss["candidate"], "tests": [True, False] + [False] * 6},
+                    {"loss": loss["active"], "tests": [True] * 8}, settings)
+    assert report["decision"] == "reject"
+    assert report["metrics"]["tests"]["worse"] and report["metrics"]["loss"]["better"]
+    assert any("tests rate dropped: 12% vs 100%" in r for r in report["reasons"])
+    same = decide({"loss": loss["candidate"], "tests": [True] * 8},
+                  {"loss": loss["active"], "tests": [True] * 8}, settings)
+    assert same["decision"] == "promote" and not same["metrics"]["tests"]["worse"]
+
+
+def test_execution_verified_preferences_from_stored_candidates(tmp_path, db_url):
+    """When the store has the pipeline's candidates (best of N, table `candidates`), a prompt
+    with a passing and a failing answer becomes a preference pair and KTO labels, counted
+    apart from the review-derived ones; a prompt where nothing passed gives nothing."""
+    import sqlalchemy as sa
+
+    from bot.store.models import Job
+
+    settings = make_settings(tmp_path / "home", db_url, training=small_training())
+    store = Store(settings.database_url)
+    repo = make_history(tmp_path, store)
+    table = sa.Table(  # the shape the validation feature stores (its migration makes it)
+        "candidates", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("job_id", sa.Integer, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("idx", sa.Integer, nullable=False),
+        sa.Column("prompt", sa.JSON, nullable=False),
+        sa.Column("text", sa.Text, nullable=False),
+        sa.Column("model", sa.String(200), nullable=False),
+        sa.Column("ok", sa.Boolean, nullable=False),
+        sa.Column("chosen", sa.Boolean, nullable=False),
+        sa.Column("score", sa.JSON, nullable=False),
+        sa.Column("reason", sa.Text),
+        sa.Column("validation", sa.JSON, nullable=False),
+        sa.Column("created_at", sa.DateTime, nullable=False),
+    )
+    table.create(store.engine, checkfirst=True)  # made by the store's migrations once merged
+    with store.session() as s:
+        job_id = s.scalar(select(Job.id).order_by(Job.id))
+    prompt = {"messages": [{"role": "system", "content": "You edit code."},
+                           {"role": "user", "content": "Add last_word(text) to textutil.py"}]}
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+
+    def cand(attempt, idx, text, ok, chosen=False):
+        return {"job_id": job_id, "attempt": attempt, "idx": idx, "prompt": prompt,
+                "text": text, "model": "m", "ok": ok, "chosen": chosen, "score": [],
+                "reason": None if ok else "tests failed", "validation": {}, "created_at": now}
+
+    with store.engine.begin() as conn:
+        conn.execute(table.insert(), [
+            cand(1, 0, "textutil.py\n```python\ndef last_word(t):\n    return t.split()[-1]\n```",
+                 False),
+            cand(1, 1, "textutil.py\n```python\ndef last_word(t):\n    w = t.split()\n"
+                 "    return w[-1] if w else ''\n```", True, chosen=True),
+            cand(1, 2, "textutil.py\n```python\ndef last_word(t):\n    return t[-1]\n```", False),
+            cand(2, 0, "nothing passed here", False),
+            cand(2, 1, "nor here", False),
+        ])
+    data = build_dataset(settings, store, str(repo))
+    card = data.card
+    assert card["built_by_source"]["candidate_preference"] == 1
+    assert card["preference_by_source"] == {"preference": 1, "candidate_preference": 1}
+    assert card["kto_by_source"]["candidate_kto"] == 3
+    (pair,) = [e for e in data.preference if e.source == "candidate_preference"]
+    assert "if w else" in pair.chosen and pair.rejected.endswith("return t.split()[-1]\n```")
+    labels = sorted(e.label for e in data.kto if e.source == "candidate_kto")
+    assert labels == [False, False, True]
+    assert not any(e.source.startswith("candidate") for e in data.sft)  # failed code: never SFT
+    store.close()
+
+
+def test_upgrading_with_two_runs_of_one_repository_running_keeps_the_newest(db_url):
+    """Before leases two runs of one repository could both be `running`; the migration that
+    allows one ends the older and leaves the newest for the recovery sweep."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from bot.store.db import _alembic_config, make_engine
+
+    engine = make_engine(db_url)
+    cfg = _alembic_config(engine)
+    command.upgrade(cfg, "0005")
+    with engine.begin() as c:
+        for i, (repo, state) in enumerate([("a", "running"), ("a", "running"), ("b", "running"),
+                                           ("a", "queued")]):
+            c.execute(text(
+                "INSERT INTO training_runs (key, repo, trigger, state, dataset_card, losses, "
+                "timings, created_at) VALUES (:k, :r, 'manual', :s, '{}', '[]', '{}', "
+                "CURRENT_TIMESTAMP)"), {"k": f"k{i}", "r": repo, "s": state})
+    command.upgrade(cfg, "head")
+    with engine.begin() as c:
+        rows = c.execute(text("SELECT repo, state, runs FROM training_runs ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [("a", "failed", 0), ("a", "running", 0),
+                                        ("b", "running", 0), ("a", "queued", 0)]
+    store = Store(db_url)
+    assert sorted(schedule.recoverable_runs(store, queued_after=0)) == [2, 3, 4]
+    store.close()
+    engine.dispose()

@@ -222,3 +222,106 @@ def test_dpo_or_kto_follows_sft_when_there_are_enough_signals(phase, tmp_path, e
     assert result.phases == ["sft", phase]
     assert [(p["step"], p["phase"]) for p in result.losses] == [(1, "sft"), (2, phase)]
     check_adapter(result.adapter_dir)
+
+
+TINY = dict(max_seq_len=512, holdout_share=0.3, grad_accum=1, learning_rate=1e-3, lora_rank=8,
+            lora_alpha=16, humaneval_subset=0, eval_generate=False, eval_max_examples=2,
+            min_new_examples=1)
+
+
+def test_a_worker_killed_during_a_training_run_another_worker_finishes_it(tmp_path, db_url,
+                                                                          embedded_model_dir):
+    """SIGKILL (from inside, right after the first checkpoint) a real `codeloop worker` that
+    is training: a second worker's recovery sweep takes the run over and resumes it from the
+    checkpoint with the dataset it saved. One run, trained once per step."""
+    import subprocess
+    import sys
+    import time
+
+    from sqlalchemy import func, select
+
+    from bot.runtime import build_queue, build_runtime
+    from bot.store.models import TrainingRun
+    from tests.conftest import cli_env
+    from training import schedule
+
+    settings = make_settings(tmp_path / "home", db_url,
+                             training=TrainingSettings(max_steps=2, **TINY))
+    store = Store(settings.database_url)
+    repo = make_history(tmp_path, store)
+    huey = build_queue(settings, lambda: build_runtime(settings))
+    run_id = schedule.retrain_now(settings, store, str(repo), "maintainer",
+                                  enqueue=huey.codeloop_train)
+    env = cli_env(settings)
+    env.update({f"CODELOOP_TRAINING__{k.upper()}": str(v).lower() if isinstance(v, bool)
+                else str(v) for k, v in {"max_steps": 2, **TINY}.items()})
+    log_path = tmp_path / "workers.log"
+    out_dir = schedule.run_dir(settings, run_id)
+    with open(log_path, "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker"],
+                                 env={**env, "CODELOOP_FAILPOINT": "kill:train:checkpoint"},
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = first.wait(timeout=600)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        assert code == -9, log_path.read_text()
+        with store.session() as s:
+            run = s.get(TrainingRun, run_id)
+            assert (run.state, run.runs) == ("running", 1)  # left behind by the dead worker
+        assert (out_dir / "checkpoints-sft" / "checkpoint-1").is_dir()
+        assert not (out_dir / "checkpoints-sft" / "checkpoint-2").exists()
+
+        second = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                with store.session() as s:
+                    if s.get(TrainingRun, run_id).state in ("succeeded", "failed", "skipped"):
+                        break
+                time.sleep(0.5)
+        finally:
+            second.terminate()
+            second.wait(timeout=60)
+    out = log_path.read_text()
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(TrainingRun)) == 1
+        run = s.get(TrainingRun, run_id)
+        assert run.state == "succeeded", (run.reason, out[-3000:])
+        assert run.runs == 2 and run.lease_until is None
+        assert [p["step"] for p in run.losses] == [2], run.losses  # step 1 was not redone
+        assert run.model_version_id is not None
+    assert "resuming SFT from" in out and "checkpoint-1" in out, out[-3000:]
+    assert "training run %d: resumed" % run_id in out
+    store.close()
+
+
+def test_a_github_repository_trains_gates_and_promotes(tmp_path, db_url, embedded_model_dir):
+    """The "done when" test: the local GitHub server's repository (codeloop's and a
+    person's merged pull requests, one into a non-default branch, one reopened then merged)
+    → dataset from the mirror → a few steps → the gate → promoted; on SQLite and PostgreSQL."""
+    from tests.github_history import make_github_history
+    from training import schedule
+
+    h = make_github_history(tmp_path, db_url)
+    env = h.env
+    env.settings.training = TrainingSettings(max_steps=3, **TINY)
+    store = env.runtime.store
+    run_id = schedule.retrain_now(env.settings, store, env.repo.full_name, "alice",
+                                  enqueue=env.huey.codeloop_train)
+    env.work()
+    run = registry.last_training_run(store, env.repo.full_name)
+    assert run["id"] == run_id and run["state"] == "succeeded", run["reason"]
+    card = run["dataset_card"]
+    assert card["dropped_by_reason"].get("not_training_branch") == 1, card
+    assert card["kept"]["sft"] >= 2 and card["kept"]["heldout"] == 1, card
+    assert card["data_until"] == h.merged_at[h.c].isoformat()  # GitHub's time, not ours
+    assert [p["step"] for p in run["losses"]] == [1, 2, 3]
+    version = registry.get_version(store, run["model_version_id"])
+    gate = version["metrics"]["gate"]
+    assert gate["decision"] == "promote", gate
+    assert version["status"] == "active" and run["reason"].startswith("promoted")
+    assert registry.active_version(store)["name"] == version["name"]
+    env.close()

@@ -12,6 +12,9 @@ from the store and returns a `TrainingData` with
 - `kto`: bot revisions labelled by how they were received (approved / merged unchanged →
   desirable; changes requested / closed unmerged → undesirable). Closed code only ever
   appears here, never in SFT.
+- execution-verified (when the store has the pipeline's `candidates`): answers to one prompt
+  that passed and failed validation become a preference pair and KTO labels, counted
+  separately in the card (`preference_by_source`, `kto_by_source`).
 
 Hygiene: examples with secrets are dropped (detect-secrets, offline regex plugins only, plus
 codeloop's own configured secrets); vendored, generated, lock and binary files are removed
@@ -19,6 +22,16 @@ from changes (a change with nothing left is dropped); exact and near duplicates 
 datasketch) are dropped; training examples that overlap the evaluation sets (the held-out
 changes and the HumanEval guard) are dropped. The newest `holdout_share` of merged changes
 is held out by time. `card` counts examples by source, by reason dropped and by split.
+
+Every forge: the repository is read from where its forge keeps it (`source`, a forge from the
+composition root: for GitHub the local mirror, fetched up to date before the build; for the
+local forge the repository itself). Only changes merged into the default branch (or a branch
+listed in `training_branches` / `base_branch` of the default branch's `.codeloop.yml`) are
+training material. A merged change whose branch the forge has not confirmed yet is confirmed
+once (`source.pull_facts`: GitHub's `merged`, `merged_at` and base branch) and stored, so
+`merged_at` is the forge's, not the time codeloop processed the event. A pull request's
+outcome comes from the whole history: a merge is final, so a pull request closed, reopened
+and merged counts as merged whatever order its signals were stored in.
 """
 
 from __future__ import annotations
@@ -34,12 +47,13 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from bot.settings import Settings, parse_repo_config
+from bot.settings import RepoConfigError, Settings, parse_repo_config
 from bot.store.db import Store
 from bot.store.models import Job, MergedChange, PullRequest, Request, ReviewSignal
 from inference import context as ctx
@@ -49,6 +63,24 @@ from inference.prompts import ContextDoc, build_prompt, fence_lang
 log = logging.getLogger(__name__)
 
 CountTokens = Callable[[str], int]
+
+
+class HistorySource(Protocol):
+    """Where a repository's history is read from: a forge (bot/forges), passed in by the
+    composition root. `check_repository(repo)` returns something with `clone_url` (a local git
+    directory, brought up to date) and `default_branch`. A forge may also offer
+    `pull_facts(repo, number) -> dict | None` with the forge's own record of a pull request:
+    `merged` (bool), `merged_at` (datetime), `base_ref`, `merge_sha`, `base_sha`."""
+
+    def check_repository(self, repo: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Located:
+    """The local git directory a repository's history is read from, and its default branch."""
+
+    dir: Path | None
+    default_branch: str | None
 
 VENDORED = re.compile(
     r"(^|/)(vendor|vendored|third_party|third-party|node_modules|site-packages|\.venv|venv|"
@@ -218,6 +250,11 @@ class Checkout:
         _git(self.dir, "checkout", "--quiet", "--force", "--detach", sha)
         _git(self.dir, "clean", "-fdxq")
 
+    def rev(self, ref: str) -> str | None:
+        proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                              cwd=self.dir, capture_output=True, text=True)
+        return proc.stdout.strip() or None
+
     def apply(self, diff: str) -> bool:
         proc = subprocess.run(["git", "apply", "--whitespace=nowarn", "-"], cwd=self.dir,
                               input=diff.encode(), capture_output=True)
@@ -339,6 +376,9 @@ class _Context:
     index_dir: Path
     drops: Counter
     file_drops: Counter
+    repo_dir: Path | None = None
+    branches: list[str] = field(default_factory=list)
+    source: HistorySource | None = None
 
 
 def _requirement_for(change: MergedChange, request_text: str | None) -> str:
@@ -434,6 +474,124 @@ def resolve_checkout(repo: str, settings: Settings,
     return None
 
 
+def _head_branch(repo_dir: Path) -> str | None:
+    proc = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], cwd=repo_dir,
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def locate(repo: str, settings: Settings, repo_dirs: dict[str, Path] | None = None,
+           source: HistorySource | None = None) -> Located:
+    """Where to read `repo` from: a directory given in `repo_dirs`, else the forge's copy
+    (fetched up to date now: for GitHub the mirror the forge keeps), else the path itself."""
+    if repo_dirs and repo in repo_dirs:
+        d = Path(repo_dirs[repo])
+        return Located(d, _head_branch(d))
+    if source is not None:
+        try:
+            info = source.check_repository(repo)
+        except Exception as exc:  # noqa: BLE001 - the forge failed; fall back to a local path
+            log.warning("dataset for %s: the forge could not provide the repository: %s",
+                        repo, exc)
+        else:
+            d = Path(info.clone_url)
+            if d.is_dir():
+                return Located(d, info.default_branch or _head_branch(d))
+    d = resolve_checkout(repo, settings, None)
+    return Located(d, _head_branch(d) if d else None)
+
+
+def repo_config_at(repo_dir: Path | None, branch: str | None):
+    """The trusted `.codeloop.yml`: the one on the default branch (defaults if unreadable)."""
+    if repo_dir is None:
+        return parse_repo_config(None)
+    ref = f"refs/heads/{branch}" if branch else "HEAD"
+    text = subprocess.run(["git", "show", f"{ref}:.codeloop.yml"], cwd=repo_dir,
+                          capture_output=True, text=True).stdout or None
+    try:
+        return parse_repo_config(text)
+    except RepoConfigError:
+        return parse_repo_config(None)
+
+
+def training_branches(default_branch: str | None, config) -> list[str]:
+    """Branches whose merges are training material: the default branch, the configured
+    `base_branch` (where codeloop's pull requests go) and `training_branches`."""
+    out = [b for b in [default_branch, config.base_branch, *config.training_branches] if b]
+    return list(dict.fromkeys(out))
+
+
+def _naive_utc(when: Any) -> datetime | None:
+    if when is None:
+        return None
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return when
+
+
+def confirm_with_forge(store: Store, repo: str, source: HistorySource | None) -> dict[str, int]:
+    """Ask the forge once about each merged change of `repo` it has not confirmed (no
+    `base_ref` yet) and store its answer: the branch merged into, GitHub's `merged_at`, and
+    the merge and base commits where they were missing. Returns counts for the card."""
+    facts_of = getattr(source, "pull_facts", None)
+    counts: Counter = Counter()
+    if facts_of is None:
+        return dict(counts)
+    with store.session() as s:
+        rows = s.execute(select(MergedChange.id, MergedChange.external_id).where(
+            MergedChange.repo == repo, MergedChange.base_ref.is_(None),
+            MergedChange.forge == getattr(source, "name", None))).all()
+    for row_id, external_id in rows:
+        if not str(external_id).isdigit():
+            continue
+        try:
+            facts = facts_of(repo, int(external_id))
+        except Exception as exc:  # noqa: BLE001 - asked again at the next build
+            log.warning("dataset for %s: pull request #%s not confirmed: %s", repo, external_id,
+                        exc)
+            counts["unconfirmed"] += 1
+            continue
+        if not facts:
+            counts["unconfirmed"] += 1
+            continue
+        values: dict = {"base_ref": facts.get("base_ref") or ""}
+        if not facts.get("merged"):
+            values["base_ref"] = ""  # confirmed: not merged (never training material)
+            counts["not_merged"] += 1
+        else:
+            counts["confirmed"] += 1
+            if facts.get("merged_at"):
+                values["merged_at"] = _naive_utc(facts["merged_at"])
+        with store.session() as s:
+            row = s.get(MergedChange, row_id)
+            if facts.get("merge_sha") and not row.merge_sha:
+                values["merge_sha"] = facts["merge_sha"]
+            if facts.get("base_sha") and not row.base_sha:
+                values["base_sha"] = facts["base_sha"]
+            s.execute(update(MergedChange).where(MergedChange.id == row_id).values(**values))
+    return dict(counts)
+
+
+def _is_ancestor(repo_dir: Path, sha: str, branches: list[str]) -> bool | None:
+    """Whether `sha` is on one of `branches` in `repo_dir` (None: cannot tell)."""
+    if subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=repo_dir,
+                      capture_output=True).returncode != 0:
+        return None
+    known = False
+    for branch in branches:
+        ref = f"refs/heads/{branch}"
+        if subprocess.run(["git", "rev-parse", "--verify", "--quiet", ref], cwd=repo_dir,
+                          capture_output=True).returncode != 0:
+            continue
+        known = True
+        if subprocess.run(["git", "merge-base", "--is-ancestor", sha, ref], cwd=repo_dir,
+                          capture_output=True).returncode == 0:
+            return True
+    return False if known else None
+
+
 def count_new_examples(store: Store, repo: str, since: datetime | None) -> int:
     """Merged changes of `repo` newer than `since` (all of them when None)."""
     from sqlalchemy import func
@@ -455,29 +613,31 @@ def build_dataset(
     repo_dirs: dict[str, Path] | None = None,
     humaneval_limit: int | None = None,
     work_dir: Path | None = None,
+    source: HistorySource | None = None,
+    located: Located | None = None,
 ) -> TrainingData:
-    """Every example of one repository, cleaned and split; see the module docstring."""
+    """Every example of one repository, cleaned and split; see the module docstring.
+
+    `source` is the repository's forge (from the composition root); `located` a place already
+    resolved with `locate` (the forge is then not asked again for the repository)."""
     cfg = settings.training
     count_tokens = count_tokens or (lambda text: max(1, len(text) // 4))
-    repo_dir = resolve_checkout(repo, settings, repo_dirs)
-    fmt = edit_format
-    if fmt is None:
-        config_text = None
-        if repo_dir is not None:
-            config_text = subprocess.run(["git", "show", "HEAD:.codeloop.yml"], cwd=repo_dir,
-                                         capture_output=True, text=True).stdout or None
-        try:
-            rc = parse_repo_config(config_text)
-        except ValueError:
-            rc = parse_repo_config(None)
-        fmt = rc.edit_format or default_format_for(rc.model or settings.backend.model)
+    where = located or locate(repo, settings, repo_dirs, source)
+    repo_dir = where.dir
+    rc = repo_config_at(repo_dir, where.default_branch)
+    fmt = edit_format or rc.edit_format or default_format_for(rc.model or settings.backend.model)
+    confirmed = confirm_with_forge(store, repo, source)
     checkout = Checkout(repo_dir) if repo_dir is not None else None
     tmp_index = Path(tempfile.mkdtemp(prefix="codeloop-dsindex-", dir=work_dir))
-    c = _Context(settings, fmt, count_tokens, checkout, tmp_index, Counter(), Counter())
+    c = _Context(settings, fmt, count_tokens, checkout, tmp_index, Counter(), Counter(),
+                 repo_dir=repo_dir, branches=training_branches(where.default_branch, rc),
+                 source=source)
     built: Counter = Counter()
     secrets = settings.secret_values()
     try:
         merged, review_sft, pref, kto = _collect(c, store, repo, built)
+        cand_pref, cand_kto = _candidate_examples(c, store, repo, built)
+        pref, kto = pref + cand_pref, kto + cand_kto
     finally:
         if checkout is not None:
             checkout.close()
@@ -529,6 +689,8 @@ def build_dataset(
     card = {
         "repo": repo,
         "edit_format": fmt,
+        "training_branches": c.branches,
+        "confirmed_by_forge": confirmed,
         "built_by_source": dict(built),
         "dropped_by_reason": dict(c.drops),
         "files_dropped_by_reason": dict(c.file_drops),
@@ -538,6 +700,8 @@ def build_dataset(
             "kto_undesirable": sum(1 for e in kto if e.label is False),
         },
         "sft_by_source": dict(Counter(e.source for e in sft)),
+        "preference_by_source": dict(Counter(e.source for e in pref)),
+        "kto_by_source": dict(Counter(e.source for e in kto)),
         "holdout_share": cfg.holdout_share,
         "heldout_from": cutoff.isoformat() if cutoff else None,
         "data_from": min(all_when).isoformat() if all_when else None,
@@ -568,22 +732,36 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
                 revs.append({"id": rev.id, "number": rev.number, "sha": rev.commit_sha,
                              "diff": rev.diff, "trigger": rev.trigger, "when": rev.created_at,
                              "feedback": job.feedback if job else None})
-            sigs = [{"kind": g.kind, "revision_id": g.revision_id, "when": g.created_at}
+            sigs = [{"id": g.id, "kind": g.kind, "revision_id": g.revision_id,
+                     "when": g.created_at}
                     for g in s.scalars(select(ReviewSignal).where(
                         ReviewSignal.pull_request_id == pr.id))]
-            pr_rows[pr.id] = {"state": pr.state,
+            pr_rows[pr.id] = {"state": pr.state, "number": pr.number, "forge": pr.forge,
                               "requirement": req.requirement if req else pr.title,
                               "revisions": revs, "signals": sigs}
         change_rows = [
             {"id": m.id, "title": m.title, "body": m.body, "issue_title": m.issue_title,
              "issue_body": m.issue_body, "diff": m.diff, "base": m.base_sha, "merge": m.merge_sha,
-             "pr": m.pull_request_id, "when": m.merged_at, "external_id": m.external_id, "obj": m}
+             "pr": m.pull_request_id, "when": m.merged_at, "external_id": m.external_id,
+             "base_ref": m.base_ref, "obj": m}
             for m in changes
         ]
+    merged_prs = {row["pr"] for row in change_rows if row["pr"] and row["base_ref"] != ""}
+    for pr_id, pr in pr_rows.items():
+        pr["state"] = outcome(pr["state"], pr["signals"], pr_id in merged_prs)
+        if pr["state"] == "closed" and _forge_says_merged(c, repo, pr):
+            pr["state"] = "merged"
 
     merged_by_pr = {}
     for row in change_rows:
         built["merged_change"] += 1
+        reason = _not_training_material(c, row)
+        if reason:
+            c.drops[reason] += 1
+            continue
+        if row["base"] and c.checkout is not None and not c.checkout.has(row["base"]) \
+                and row["merge"] and c.checkout.has(row["merge"]):
+            row["base"] = c.checkout.rev(f"{row['merge']}^1") or row["base"]
         pr = pr_rows.get(row["pr"]) if row["pr"] else None
         requirement = _requirement_for(row["obj"], pr["requirement"] if pr else None)
         key = f"merged:{row['external_id']}"
@@ -668,6 +846,98 @@ def _collect(c: _Context, store: Store, repo: str, built: Counter):
                                meta={"revision_id": rev["id"], "label": label,
                                      "change": change_signature(rev["diff"], pr["requirement"])}))
     return merged, review_sft, pref, kto
+
+
+STATE_KINDS = {"merged": "merged", "closed_unmerged": "closed", "reopened": "open"}
+
+
+def outcome(stored: str, signals: list[dict], has_merged_change: bool) -> str:
+    """How a pull request ended, from its whole history: a merge is final (a merged pull
+    request cannot be reopened), so any record of one wins; otherwise the latest state
+    signal (closed / reopened) wins over the stored state."""
+    if has_merged_change or stored == "merged":
+        return "merged"
+    if any(g["kind"] == "merged" for g in signals):
+        return "merged"
+    states = sorted((g for g in signals if g["kind"] in STATE_KINDS),
+                    key=lambda g: (g["when"] or datetime.min, g.get("id") or 0))
+    if states:
+        return STATE_KINDS[states[-1]["kind"]]
+    return stored
+
+
+def _forge_says_merged(c: _Context, repo: str, pr: dict) -> bool | None:
+    """For a pull request stored as closed: the forge's own answer (GitHub: merged or not)."""
+    facts_of = getattr(c.source, "pull_facts", None)
+    if pr["state"] != "closed" or facts_of is None or pr["number"] is None \
+            or pr["forge"] != getattr(c.source, "name", None):
+        return None
+    try:
+        facts = facts_of(repo, int(pr["number"]))
+    except Exception as exc:  # noqa: BLE001 - the stored state stands
+        log.warning("dataset for %s: state of #%s not read: %s", repo, pr["number"], exc)
+        return None
+    return bool(facts and facts.get("merged"))
+
+
+def _not_training_material(c: _Context, row: dict) -> str | None:
+    """Why a merged change is not training material (not merged into a training branch)."""
+    if row["base_ref"] == "":
+        return "not_merged"
+    if row["base_ref"]:
+        return None if row["base_ref"] in c.branches else "not_training_branch"
+    if c.repo_dir is not None and row["merge"] and c.branches:
+        on = _is_ancestor(c.repo_dir, row["merge"], c.branches)
+        if on is False:
+            return "not_training_branch"
+    return None
+
+
+def _candidate_examples(c: _Context, store: Store, repo: str,
+                        built: Counter) -> tuple[list[Example], list[Example]]:
+    """Execution-verified preferences from the pipeline's stored candidates (best of N), when
+    the store has them (table `candidates`: one row per generated answer of one prompt, with
+    `ok` = passed validation). For each prompt with a passing and a failing answer: a
+    preference pair (the kept passing answer chosen, a failing one rejected) and each answer
+    as a KTO example labelled by whether it passed. Prompts where nothing passed are left
+    out: there the failure may be the environment's, not the answer's."""
+    from sqlalchemy import MetaData, Table, inspect
+
+    if not inspect(store.engine).has_table("candidates"):
+        return [], []
+    table = Table("candidates", MetaData(), autoload_with=store.engine)
+    jobs = select(Job.id).join(Request, Request.id == Job.request_id).where(
+        Request.repo == repo)
+    with store.session() as s:
+        rows = s.execute(select(table).where(table.c.job_id.in_(jobs))
+                         .order_by(table.c.job_id, table.c.attempt, table.c.idx)).mappings().all()
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault((row["job_id"], row["attempt"]), []).append(row)
+    pref: list[Example] = []
+    kto: list[Example] = []
+    for (job_id, attempt), group in groups.items():
+        passed = sorted((r for r in group if r["ok"]), key=lambda r: not r.get("chosen"))
+        failed = [r for r in group if not r["ok"]]
+        if not passed or not failed:
+            continue
+        prompt = (group[0]["prompt"] or {}).get("messages") or []
+        if not prompt:
+            continue
+        when = max(r["created_at"] for r in group)
+        built["candidate_preference"] += 1
+        good, bad = passed[0]["text"], failed[0]["text"]
+        pref.append(Example(
+            key=f"candidate-pref:{job_id}:{attempt}", kind="preference",
+            source="candidate_preference", prompt=prompt, chosen=good, rejected=bad, when=when,
+            meta={"job_id": job_id, "attempt": attempt, "change": good + "\n" + bad}))
+        for r in group:
+            built["candidate_kto"] += 1
+            kto.append(Example(
+                key=f"candidate-kto:{r['id']}", kind="kto", source="candidate_kto",
+                prompt=prompt, completion=r["text"], label=bool(r["ok"]), when=r["created_at"],
+                meta={"candidate_id": r["id"], "label": bool(r["ok"]), "change": r["text"]}))
+    return pref, kto
 
 
 def _dedupe(examples: list[Example], threshold: float, drops: Counter) -> list[Example]:

@@ -62,6 +62,20 @@ def set_report(store: Store, version_id: int, report: dict) -> None:
         v.metrics = {**(v.metrics or {}), "gate": report}
 
 
+def version_by_name(store: Store, name: str) -> dict | None:
+    with store.session() as s:
+        v = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+        return _as_dict(v) if v else None
+
+
+def reject(store: Store, version_id: int) -> None:
+    """The gate said no: the candidate is rejected (an active version is left alone)."""
+    with store.session() as s:
+        v = s.get(ModelVersion, version_id)
+        if v.status == "candidate":
+            v.status = "rejected"
+
+
 def list_versions(store: Store) -> list[dict]:
     with store.session() as s:
         return [_as_dict(v) for v in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
@@ -205,6 +219,7 @@ def run_as_dict(r: TrainingRun) -> dict:
         "requested_by": r.requested_by, "state": r.state, "reason": r.reason,
         "dataset_card": dict(r.dataset_card or {}), "losses": list(r.losses or []),
         "model_version_id": r.model_version_id, "timings": dict(r.timings or {}),
+        "runs": r.runs or 0, "lease_owner": r.lease_owner, "lease_until": r.lease_until,
         "created_at": r.created_at, "started_at": r.started_at, "finished_at": r.finished_at,
     }
 

@@ -7,10 +7,18 @@ the running scheduler picks the change up within seconds. Every repository the s
 gets the default weekly schedule (`training.schedule`) unless one was set.
 
 When a schedule fires it records a training run whose key is the repository plus the fire
-time, and enqueues `codeloop.train` (huey). A second fire for the same time finds the key and
-does nothing; a worker claims a run by moving it from `queued` to `running`, so a run trains
-once even when it is enqueued twice. A run is skipped, with the reason stored, when fewer new
-merged changes arrived since the last successful run than `training.min_new_examples`.
+time, and enqueues `codeloop.train` (huey) through the `enqueue` callable the composition root
+passes in. A second fire for the same time finds the key and does nothing. A run is skipped,
+with the reason stored, when fewer new merged changes arrived since the last successful run
+than `training.min_new_examples`.
+
+Runs are durable like jobs (bot/jobs.py, with the same leases: bot/leases.py): a worker
+claims a run by moving it from `queued` to `running` under a lease that a heartbeat renews,
+so a run trains once even when it is enqueued twice. A run whose worker died (lease expired,
+or its process on this host gone) is taken over by the recovery sweep (`recoverable_runs`)
+on any worker and resumes from its last checkpoint with the dataset it had saved; a run
+whose enqueue was lost is enqueued by the same sweep. The database allows one running run
+per repository; a second run of the same repository waits its turn.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from bot import leases
 from bot.settings import Settings
 from bot.store.db import Store
 from bot.store.models import MergedChange, PullRequest, TrainingRun, utcnow
@@ -253,20 +262,12 @@ def scheduled_fire(repo: str, cron: str) -> None:
 
 def retrain_now(settings: Settings, store: Store, repo: str, requested_by: str,
                 enqueue: Callable[[int], object] | None = None) -> int:
-    """Record a training run for `repo` now and enqueue it on the huey queue; its id."""
-    if enqueue is None:
-        enqueue = _queue_enqueue(settings)
+    """Record a training run for `repo` now and enqueue it; its id. Without `enqueue` the run
+    is only recorded, and a worker's recovery sweep enqueues it (`recoverable_runs`)."""
     key = run_key(repo, datetime.now(timezone.utc), "manual") + f"#{time.monotonic_ns()}"
     run_id, _ = enqueue_training(store, repo, key=key, trigger="manual",
                                  requested_by=requested_by, enqueue=enqueue)
     return run_id
-
-
-def _queue_enqueue(settings: Settings) -> Callable[[int], object]:
-    from bot.runtime import build_queue, build_runtime
-
-    huey = build_queue(settings, lambda: build_runtime(settings))
-    return huey.codeloop_train
 
 
 class SchedulerRunning(RuntimeError):
@@ -321,7 +322,9 @@ class _SingleScheduler:
 def run_scheduler(settings: Settings, stop: threading.Event,
                   enqueue: Callable[[int], object] | None = None) -> None:
     """The one scheduler process: blocks until `stop` is set. SchedulerRunning when another
-    scheduler already runs on this database."""
+    scheduler already runs on this database. `enqueue` puts a run on the queue (the
+    composition root passes the queue's training task); without it fired runs are recorded
+    and a worker's recovery sweep enqueues them."""
     store = Store(settings.database_url)
     lock = _SingleScheduler(store, settings)
     try:
@@ -338,7 +341,6 @@ def run_scheduler(settings: Settings, stop: threading.Event,
 
 def _run_scheduler(settings: Settings, store: Store, stop: threading.Event,
                    enqueue: Callable[[int], object] | None) -> None:
-    enqueue = enqueue or _queue_enqueue(settings)
     _RUNNER["ctx"] = {"settings": settings, "store": store, "enqueue": enqueue}
     sched = _scheduler(settings)
     sched.start()
@@ -357,15 +359,102 @@ def _run_scheduler(settings: Settings, store: Store, stop: threading.Event,
         _RUNNER.pop("ctx", None)
 
 
+# ---------------------------------------------------------------- durable runs: lease, recovery
+
+BUSY_RETRY_SECONDS = 60.0  # a run whose repository is training elsewhere waits this long
+LOST_ENQUEUE_SECONDS = 30  # a run queued longer than this without a worker is enqueued again
+
+
+def claim_run(store: Store, run_id: int, owner: str, lease_seconds: int) -> str:
+    """Take a run: queued, or running under an expired or dead lease (a crashed worker's).
+
+    Returns "claimed"; "done" (finished already); "running" (another live worker has it);
+    "waiting" (queued, not before its time); "busy" (another run of the same repository is
+    running: it waits, `lease_until` set to when to try again); "lost" (a race lost)."""
+    now = utcnow()
+    with store.session() as s:
+        run = s.get(TrainingRun, run_id)
+        if run is None or run.state not in ("queued", "running"):
+            return "done"
+        if run.state == "queued" and run.lease_until is not None and run.lease_until > now:
+            return "waiting"
+        stale = run.state == "running" and (
+            run.lease_until is None or run.lease_until < now
+            or (run.lease_owner != owner and leases.owner_is_dead(run.lease_owner)))
+        if run.state == "running" and not stale:
+            return "running"
+        state, runs = run.state, run.runs
+    try:
+        with store.session() as s:
+            won = s.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == run_id, TrainingRun.state == state,
+                       TrainingRun.runs == runs)
+                .values(state="running", lease_owner=owner,
+                        lease_until=now + timedelta(seconds=lease_seconds), runs=runs + 1,
+                        started_at=func.coalesce(TrainingRun.started_at, now))
+            ).rowcount
+    except IntegrityError:  # the one-running-run-per-repository index
+        with store.session() as s:
+            s.execute(update(TrainingRun).where(TrainingRun.id == run_id,
+                                                TrainingRun.state == "queued")
+                      .values(lease_until=now + timedelta(seconds=BUSY_RETRY_SECONDS)))
+        return "busy"
+    return "claimed" if won == 1 else "lost"
+
+
+def renew_run(store: Store, run_id: int, owner: str, lease_seconds: int) -> bool:
+    with store.session() as s:
+        return s.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == run_id, TrainingRun.lease_owner == owner,
+                   TrainingRun.state == "running")
+            .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        ).rowcount == 1
+
+
+def recoverable_runs(store: Store, *, queued_after: float = LOST_ENQUEUE_SECONDS) -> list[int]:
+    """Runs to (re-)enqueue: queued for a while (their enqueue may be lost) and not waiting,
+    or running under an expired lease or a lease whose owner process is gone."""
+    now = utcnow()
+    with store.session() as s:
+        rows = s.execute(
+            select(TrainingRun.id, TrainingRun.state, TrainingRun.lease_owner,
+                   TrainingRun.lease_until, TrainingRun.created_at)
+            .where(or_(TrainingRun.state == "queued", TrainingRun.state == "running"))
+            .order_by(TrainingRun.id)
+        ).all()
+    out = []
+    for run_id, state, owner, until, created in rows:
+        if state == "queued":
+            if created < now - timedelta(seconds=queued_after) and (until is None or until < now):
+                out.append(run_id)
+        elif until is None or until < now or leases.owner_is_dead(owner):
+            out.append(run_id)
+    return out
+
+
+def recover_runs(store: Store, enqueue: Callable[[int], object]) -> int:
+    """The recovery sweep for training runs (every worker runs it): enqueue what is lost."""
+    found = recoverable_runs(store)
+    for run_id in found:
+        log.info("training run %s: recovering (its worker is gone or its enqueue was lost)",
+                 run_id)
+        enqueue(run_id)
+    return len(found)
+
+
 # ---------------------------------------------------------------- the training job
 
 
-def _finish(store: Store, run_id: int, state: str, reason: str | None, **values) -> None:
+def _finish(store: Store, run_id: int, state: str, reason: str | None,
+            owner: str | None = None, **values) -> None:
     with store.session() as s:
-        run = s.get(TrainingRun, run_id)
-        run.state, run.reason, run.finished_at = state, reason, utcnow()
-        for k, v in values.items():
-            setattr(run, k, v)
+        q = update(TrainingRun).where(TrainingRun.id == run_id)
+        if owner is not None:  # a worker that lost its lease does not overwrite the new one
+            q = q.where(TrainingRun.lease_owner == owner)
+        s.execute(q.values(state=state, reason=reason, finished_at=utcnow(), lease_until=None,
+                           **values))
 
 
 def base_model_dir(settings: Settings) -> Path:
@@ -375,75 +464,128 @@ def base_model_dir(settings: Settings) -> Path:
     return Path(path)
 
 
+def run_dir(settings: Settings, run_id: int) -> Path:
+    """Where a run keeps its dataset, checkpoints and adapter (shared storage when workers
+    are on several machines: a resumed run continues from here)."""
+    return (settings.training.adapters_dir or settings.home / "adapters") / f"run-{run_id}"
+
+
 def run_training(settings: Settings, store: Store, run_id: int, *, backend: object | None = None,
                  base_model: Path | None = None, max_steps: int | None = None,
-                 repo_dirs: dict[str, Path] | None = None) -> dict:
-    """The durable training job: claim, check there is enough new data, build the dataset,
-    train, evaluate against the active version, and promote or reject. Returns the run."""
+                 repo_dirs: dict[str, Path] | None = None, source: object | None = None,
+                 owner: str | None = None) -> dict:
+    """The durable training job: claim under a lease, check there is enough new data, build
+    the dataset (from the repository's forge, `source`), train, evaluate against the active
+    version, and promote or reject. Returns the run, with "claim" saying how the claim went.
+
+    A run taken over from a crashed worker resumes: the dataset it saved is reused and
+    training continues from its newest checkpoint."""
     from training import registry
 
-    with store.session() as s:
-        claimed = s.execute(update(TrainingRun).where(TrainingRun.id == run_id,
-                                                      TrainingRun.state == "queued")
-                            .values(state="running", started_at=utcnow())).rowcount
-    if not claimed:
-        log.info("training run %s: not queued (ran already or running elsewhere)", run_id)
-        return registry.run_as_dict(_get(store, run_id))
+    owner = owner or leases.worker_id()
+    lease = settings.queue.lease_seconds
+    got = claim_run(store, run_id, owner, lease)
+    if got != "claimed":
+        log.info("training run %s: not claimed (%s)", run_id, got)
+        return {**registry.run_as_dict(_get(store, run_id)), "claim": got}
+    with leases.Heartbeat(lambda: renew_run(store, run_id, owner, lease), lease,
+                          f"training run {run_id}"):
+        _train_claimed(settings, store, run_id, owner, backend=backend, base_model=base_model,
+                       max_steps=max_steps, repo_dirs=repo_dirs, source=source)
+    return {**registry.run_as_dict(_get(store, run_id)), "claim": got}
+
+
+def _saved_dataset(out: Path):
+    """The dataset a run saved before its worker died, or None."""
+    from training.train import load_saved
+
+    if not (out / "dataset" / "dataset_card.json").exists():
+        return None
+    data = load_saved(out / "dataset")
+    until = data.card.get("data_until")
+    data.data_until = datetime.fromisoformat(until) if until else None
+    return data
+
+
+def _train_claimed(settings: Settings, store: Store, run_id: int, owner: str, *,
+                   backend, base_model, max_steps, repo_dirs, source) -> None:
+    from training import registry
+
     run = registry.run_as_dict(_get(store, run_id))
     repo = run["repo"]
-    timings: dict = {}
+    timings: dict = dict(run["timings"] or {})
+    out = run_dir(settings, run_id)
     try:
-        with store.session() as s:
-            since = s.scalar(select(TrainingRun.data_until).where(
-                TrainingRun.repo == repo, TrainingRun.state == "succeeded",
-                TrainingRun.id != run_id).order_by(TrainingRun.id.desc()).limit(1))
-        from training.dataset import build_dataset, count_new_examples
+        from training.dataset import build_dataset, count_new_examples, locate
 
-        new = count_new_examples(store, repo, since)
-        minimum = settings.training.min_new_examples
-        if new < minimum:
-            after = f" since {since:%Y-%m-%d %H:%M}" if since else ""
-            reason = f"only {new} new merged change(s){after}; the minimum is {minimum}"
-            _finish(store, run_id, "skipped", reason)
-            log.info("training run %s for %s skipped: %s", run_id, repo, reason)
-            return registry.run_as_dict(_get(store, run_id))
+        data = _saved_dataset(out) if run["runs"] > 1 else None
+        if data is not None:
+            log.info("training run %s: resumed (claim %s) with its saved dataset", run_id,
+                     run["runs"])
+        else:
+            with store.session() as s:
+                since = s.scalar(select(TrainingRun.data_until).where(
+                    TrainingRun.repo == repo, TrainingRun.state == "succeeded",
+                    TrainingRun.id != run_id).order_by(TrainingRun.id.desc()).limit(1))
+            new = count_new_examples(store, repo, since)
+            minimum = settings.training.min_new_examples
+            if new < minimum:
+                after = f" since {since:%Y-%m-%d %H:%M}" if since else ""
+                reason = f"only {new} new merged change(s){after}; the minimum is {minimum}"
+                _finish(store, run_id, "skipped", reason, owner)
+                log.info("training run %s for %s skipped: %s", run_id, repo, reason)
+                return
         base = Path(base_model) if base_model else base_model_dir(settings)
-        from transformers import AutoTokenizer
+        where = locate(repo, settings, repo_dirs, source)
+        if data is None:
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(base)
-        t0 = time.perf_counter()
-        data = build_dataset(settings, store, repo, repo_dirs=repo_dirs,
-                             count_tokens=lambda t: len(tok(t, add_special_tokens=False)[
-                                 "input_ids"]))
-        timings["dataset"] = round(time.perf_counter() - t0, 2)
-        out = (settings.training.adapters_dir or settings.home / "adapters") / f"run-{run_id}"
-        data.save(out / "dataset")
+            tok = AutoTokenizer.from_pretrained(base)
+            t0 = time.perf_counter()
+            data = build_dataset(
+                settings, store, repo, source=source, located=where,
+                count_tokens=lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+            timings["dataset"] = round(time.perf_counter() - t0, 2)
+            data.save(out / "dataset")
         with store.session() as s:
             s.get(TrainingRun, run_id).dataset_card = data.card
         if not data.sft:
-            _finish(store, run_id, "skipped", "no usable examples after cleaning (see the card)")
-            return registry.run_as_dict(_get(store, run_id))
+            _finish(store, run_id, "skipped", "no usable examples after cleaning (see the card)",
+                    owner)
+            return
         from training.train import train
 
         t0 = time.perf_counter()
-        result = train(settings, data, base, out, max_steps=max_steps)
+        result = train(settings, data, base, out, max_steps=max_steps,
+                       on_checkpoint=lambda: leases.failpoint(settings.failpoint,
+                                                              "train:checkpoint"))
         timings["train"] = round(time.perf_counter() - t0, 2)
         with store.session() as s:
             s.get(TrainingRun, run_id).losses = [{"step": p["step"], "loss": p["loss"]}
                                                  for p in result.losses]
         name = f"{_slug(repo)}-r{run_id}"
-        version_id = registry.create_candidate(
-            store, name=name, base_model=str(base), adapter_path=result.adapter_dir,
-            dataset_card=data.card, metrics={"train": result.summary()})
+        existing = registry.version_by_name(store, name)
+        if existing is not None:  # made by the worker that died; its gate may be done
+            version_id = existing["id"]
+        else:
+            version_id = registry.create_candidate(
+                store, name=name, base_model=str(base), adapter_path=result.adapter_dir,
+                dataset_card=data.card, metrics={"train": result.summary()})
+        from training.dataset import repo_config_at
         from training.evaluate import evaluate_candidate
 
         active = registry.active_version(store)
+        if active is not None and active["id"] == version_id:
+            _finish(store, run_id, "succeeded", "promoted (before its worker was replaced)",
+                    owner, model_version_id=version_id, data_until=data.data_until,
+                    timings=timings)
+            return
         t0 = time.perf_counter()
         report = evaluate_candidate(
             settings, base, data.heldout, (name, result.adapter_dir),
             (active["name"], Path(active["adapter_path"])) if active else None,
-            edit_format=data.edit_format, repo_dir=_repo_dir(repo, repo_dirs),
-            config=_repo_config(repo, repo_dirs))
+            edit_format=data.edit_format, repo_dir=where.dir,
+            config=repo_config_at(where.dir, where.default_branch))
         timings["evaluate"] = round(time.perf_counter() - t0, 2)
         registry.set_report(store, version_id, report)
         verdict = report["decision"]
@@ -453,17 +595,13 @@ def run_training(settings: Settings, store: Store, run_id: int, *, backend: obje
         elif verdict == "promote":
             reason = "passed the gate; waiting for `codeloop promote " + str(version_id) + "`"
         else:
-            with store.session() as s:
-                from bot.store.models import ModelVersion
-
-                s.get(ModelVersion, version_id).status = "rejected"
+            registry.reject(store, version_id)
             reason = "rejected by the gate: " + "; ".join(report["reasons"])
-        _finish(store, run_id, "succeeded", reason, model_version_id=version_id,
+        _finish(store, run_id, "succeeded", reason, owner, model_version_id=version_id,
                 data_until=data.data_until, timings=timings)
     except Exception as exc:  # noqa: BLE001 - the training job's boundary
         log.exception("training run %s for %s failed", run_id, repo)
-        _finish(store, run_id, "failed", f"{type(exc).__name__}: {exc}", timings=timings)
-    return registry.run_as_dict(_get(store, run_id))
+        _finish(store, run_id, "failed", f"{type(exc).__name__}: {exc}", owner, timings=timings)
 
 
 def _get(store: Store, run_id: int) -> TrainingRun:
@@ -475,26 +613,3 @@ def _slug(repo: str) -> str:
     from bot import git
 
     return git.slugify(Path(repo).name if "/" in repo and Path(repo).exists() else repo, limit=40)
-
-
-def _repo_dir(repo: str, repo_dirs: dict[str, Path] | None) -> Path | None:
-    if repo_dirs and repo in repo_dirs:
-        return Path(repo_dirs[repo])
-    path = Path(repo)
-    return path if (path / ".git").exists() else None
-
-
-def _repo_config(repo: str, repo_dirs: dict[str, Path] | None):
-    import subprocess
-
-    from bot.settings import RepoConfigError, parse_repo_config
-
-    d = _repo_dir(repo, repo_dirs)
-    if d is None:
-        return parse_repo_config(None)
-    text = subprocess.run(["git", "show", "HEAD:.codeloop.yml"], cwd=d, capture_output=True,
-                          text=True).stdout
-    try:
-        return parse_repo_config(text or None)
-    except RepoConfigError:
-        return parse_repo_config(None)

@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,19 @@ def _loss_callback(losses: list[dict], phase: str, offset: list[int]):
     return LossLog()
 
 
+def _save_callback(hook: Callable[[], None]):
+    from transformers import TrainerCallback
+
+    class AfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            hook()
+
+    return AfterSave()
+
+
 def _common_args(cfg: TrainingSettings, out: Path, steps: int | None, cpu: bool) -> dict:
+    if steps is None and cfg.max_steps > 0:  # a short run set in the settings
+        steps = cfg.max_steps
     return dict(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,
@@ -226,12 +239,14 @@ def train(
     *,
     max_steps: int | None = None,
     preference_steps: int | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter: SFT on `data.sft`, then DPO or KTO when the signals suffice.
 
     Checkpoints go to `out_dir/checkpoints-<phase>`; calling this again with the same
     `out_dir` after an interruption resumes from the newest checkpoint. The adapter is
     saved to `out_dir/adapter`, the losses to `out_dir/losses.json` and `out_dir/loss.png`.
+    `on_checkpoint` is called after each checkpoint is written (the run's failpoint).
     """
     import torch
     from datasets import Dataset
@@ -263,7 +278,8 @@ def train(
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(sft_rows(data.sft)),
         processing_class=tokenizer, peft_config=lora_config(cfg),
-        callbacks=[_loss_callback(result.losses, "sft", offset)],
+        callbacks=[_loss_callback(result.losses, "sft", offset)]
+        + ([_save_callback(on_checkpoint)] if on_checkpoint else []),
     )
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter

@@ -98,7 +98,10 @@ class ScheduleService:
         self.module.resume_schedule(self.settings, repo)
 
     def retrain_now(self, repo: str, requested_by: str) -> int:
-        return self.module.retrain_now(self.settings, self.store, repo, requested_by)
+        from bot.runtime import training_enqueue
+
+        return self.module.retrain_now(self.settings, self.store, repo, requested_by,
+                                       enqueue=training_enqueue(self.settings))
 
 
 def schedule_service(ctx) -> ScheduleService | None:

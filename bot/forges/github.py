@@ -91,6 +91,25 @@ class GitHubForge:
             repo=remote.full_name, clone_url=str(mirror), default_branch=remote.default_branch
         )
 
+    def pull_facts(self, repo: str, number: int) -> dict | None:
+        """GitHub's record of pull request `number`, for the dataset builder: `merged`,
+        `merged_at` (GitHub's time), `base_ref`, `merge_sha`, `base_sha`; None if not found."""
+        from github import GithubException, UnknownObjectException
+
+        try:
+            pull = self._repo(repo).get_pull(number)
+        except UnknownObjectException:
+            return None
+        except GithubException as exc:
+            raise ForgeError(f"pull request #{number} of {repo}: {describe(exc)}") from exc
+        return {
+            "merged": bool(pull.merged),
+            "merged_at": pull.merged_at,
+            "base_ref": pull.base.ref,
+            "merge_sha": pull.merge_commit_sha,
+            "base_sha": pull.base.sha,
+        }
+
     def read_file(self, repo: RepoInfo, ref: str, path: str) -> str | None:
         from github import GithubException, UnknownObjectException
 

@@ -156,6 +156,10 @@ def _last_training(store: Store, repo: str | None) -> str:
 class SlackHandler:
     """`delivery_handlers["slack"]`: one stored Slack delivery → its effect and its answer."""
 
+    # Puts a training run on the queue (set by the composition root; without it a worker's
+    # recovery sweep enqueues the recorded run).
+    enqueue_training: Callable[[int], object] | None = None
+
     def __init__(self, settings: Settings, store: Store, client: WebClient, forge: Forge,
                  enqueue_job: Callable[[int], object]):
         self.settings = settings
@@ -374,7 +378,8 @@ class SlackHandler:
             from training.schedule import retrain_now
         except ImportError:
             return TRAINING_MISSING
-        run_id = retrain_now(self.settings, self.store, repo, requested_by=item.user)
+        run_id = retrain_now(self.settings, self.store, repo, requested_by=item.user,
+                             enqueue=self.enqueue_training)
         return f"Training run #{run_id} queued for {escape(repo)}."
 
     def cmd_schedule(self, item: Command) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -232,6 +232,9 @@ class MergedChange(Base):
     by_bot: Mapped[bool] = mapped_column(default=False)
     pull_request_id: Mapped[int | None] = mapped_column(ForeignKey("pull_requests.id"))
     merged_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # The branch it was merged into, as the forge reports it (None: not confirmed yet; the
+    # dataset builder asks the forge once and stores it, with the forge's merged_at).
+    base_ref: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -315,10 +318,18 @@ class TrainingRun(Base):
     """One training run of one repository: scheduled (key = repository + fire time) or asked for.
 
     The key is unique, so a schedule that fires twice for the same time makes one run; the
-    worker claims a run by moving it from `queued` to `running`, so it trains once.
+    worker claims a run by moving it from `queued` to `running` under a lease its heartbeat
+    renews, so it trains once. A run whose worker died (lease expired, or owner process gone)
+    is taken over by another worker and resumes from its last checkpoint. The partial unique
+    index allows one `running` run per repository, whichever worker holds it.
     """
 
     __tablename__ = "training_runs"
+    __table_args__ = (
+        Index("uq_training_runs_one_running", "repo", unique=True,
+              sqlite_where=text("state = 'running'"),
+              postgresql_where=text("state = 'running'")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     key: Mapped[str] = mapped_column(String(700), unique=True)
@@ -333,6 +344,10 @@ class TrainingRun(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     data_until: Mapped[datetime | None]  # newest merged change the run saw
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # seconds per phase
+    runs: Mapped[int] = mapped_column(default=0, server_default="0")  # claims by workers
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    # running: the lease ends then unless renewed; queued: not to be claimed before then
+    lease_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

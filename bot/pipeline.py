@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from bot import git, jobs, workspace
+from bot import git, jobs, reqtests, verdict, workspace
 from bot.forges import Forge, ForgeError, RepoInfo
 from bot.ports import (
     Backend,
@@ -197,7 +197,7 @@ def pr_body(
     lines.append("## Requirement\n")
     lines.extend("> " + line if line else ">" for line in requirement.strip().splitlines())
     lines.append("\n## Validation\n")
-    lines.append(f"**{'passed' if validation.get('ok') else 'failed'}** — {validation.get('summary', '')}")
+    lines.append(verdict.markdown(validation))
     tail = _output_tail(validation)
     if tail:
         lines.append(f"\n```\n{tail}\n```")
@@ -305,6 +305,8 @@ def run_job(job_id: int, ports: Ports) -> dict:
         return prompt.to_json()
 
     prompt = Prompt.from_json(stages.run("prompt", stage_prompt, "writing the prompt"))
+    proof_spec = _requirement_test_spec(ports, stages, kind, req["requirement"], feedback,
+                                        workdir, prompt, model_name)
 
     # 4-6. generate, parse, validate; retry with the errors ----------------------
     attempts = settings.pipeline.max_attempts
@@ -321,7 +323,8 @@ def run_job(job_id: int, ports: Ports) -> dict:
         parsed = parse_edits(answer, fmt)
         check = stages.run(
             f"validate-{attempt}",
-            lambda: _apply_and_validate(ports, workdir, ws["start_sha"], answer, fmt, config),
+            lambda: _apply_and_validate(ports, workdir, ws["start_sha"], answer, fmt, config,
+                                        proof_spec),
             f"validating (attempt {attempt}/{attempts})",
             on_done=_record_format(gen["model"], fmt, parsed.well_formed),
         )
@@ -431,7 +434,8 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
 
 
 def _apply_and_validate(
-    ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig
+    ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig,
+    proof_spec: dict | None = None,
 ) -> dict:
     workspace.reset(workdir, start_sha)
     parsed = parse_edits(answer, fmt)
@@ -455,10 +459,95 @@ def _apply_and_validate(
         secrets=ports.settings.secret_values(),
     )
     out = _validation_json(result)
-    reason = "" if result.ok else result.failures_text()
+    ok, reason = result.ok, ("" if result.ok else result.failures_text())
+    if ok and proof_spec is not None:
+        proof = _prove(ports, workdir, start_sha, parsed.edits, changed, config, proof_spec)
+        out["proof"] = proof
+        if not proof["ok"]:
+            ok, reason = False, reqtests.failures_text(proof)
+            out["ok"] = False
+    out["verdict"] = verdict.line(out)
     workspace.reset(workdir, start_sha)
-    return {"ok": result.ok, "reason": reason, "changed": changed, "validation": out,
+    return {"ok": ok, "reason": reason, "changed": changed, "validation": out,
             "problems": parsed.problems}
+
+
+# ---------------------------------------------------------------- requirement tests
+
+
+def _requirement_test_spec(
+    ports: Ports, stages: Stages, kind: str, requirement: str, feedback: str | None,
+    workdir: Path, prompt: Prompt, model_name: str,
+) -> dict | None:
+    """The requirement tests' sources for this job: stated examples, else a model-written test.
+
+    A revision looks for examples in the review feedback. The model's test is a checkpointed
+    stage (a resumed job does not ask again).
+    """
+    mode = ports.settings.pipeline.requirement_tests
+    if mode == "off":
+        return None
+    text = feedback if kind == "revise" else requirement
+    examples = reqtests.extract_examples(text or "")
+    spec: dict = {"examples": [e.__dict__ for e in examples], "model_test": None, "notes": []}
+    if examples or mode != "auto" or kind != "create":
+        if not examples:
+            spec["notes"].append("the requirement states no example" if kind == "create" else
+                                 "the review states no example")
+        return spec
+
+    def stage_test() -> dict:
+        docs = [(d.path, d.text) for d in _docs_from_prompt(prompt)]
+        messages = reqtests.model_test_prompt(requirement, docs, reqtests.test_dir(workdir))
+        params = GenerationParams(
+            max_tokens=ports.settings.backend.max_new_tokens,
+            temperature=ports.settings.backend.temperature, model=model_name,
+        )
+        try:
+            gen = ports.backend().generate(messages, params)
+        except BackendError as exc:
+            if exc.retryable:
+                raise BackendUnavailable(str(exc)) from exc
+            return {"test": None, "why": f"the model backend failed: {exc}"}
+        test, why = reqtests.parse_model_test(gen.text, workdir)
+        return {"test": test, "why": why}
+
+    written = stages.run("requirement-test", stage_test, "writing a test of the requirement")
+    spec["model_test"] = written["test"]
+    if written["test"] is None:
+        spec["notes"].append(f"the requirement states no example and {written['why']}")
+    return spec
+
+
+def _prove(
+    ports: Ports, workdir: Path, start_sha: str, edits, changed: list[str], config: RepoConfig,
+    spec: dict,
+) -> dict:
+    examples = [reqtests.Example(**e) for e in spec["examples"]]
+
+    def apply() -> None:
+        apply_edits(edits, workdir, config)
+
+    proof = reqtests.prove(
+        workdir, start_sha, apply, changed, examples=examples, model_test=spec["model_test"],
+        test_command=config.test_command, settings=ports.settings.sandbox,
+        secrets=ports.settings.secret_values(),
+    )
+    proof["notes"] = spec["notes"] + proof["notes"]
+    return proof
+
+
+def _add_requirement_tests(workdir: Path, validation: dict) -> list[str]:
+    """Write the kept requirement tests into the tree being committed; their paths."""
+    added = []
+    for path, text in ((validation.get("proof") or {}).get("files") or {}).items():
+        target = (workdir / path).resolve()
+        if not target.is_relative_to(workdir.resolve()) or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        added.append(path)
+    return added
 
 
 def _pr_paths(store: Store, pr_id: int | None) -> list[str]:
@@ -493,6 +582,7 @@ def _publish(
     store, forge = ports.store, ports.forge
     workspace.reset(workdir, ws["start_sha"])
     changed = apply_edits(parse_edits(good["text"], fmt).edits, workdir, config)
+    changed += _add_requirement_tests(workdir, good.get("validation", {}))
     git.git(workdir, "add", "--", *changed)
     title = _title(req["requirement"])
     # A deterministic commit (fixed dates from the job): a resumed publish makes the same
@@ -546,7 +636,7 @@ def _publish(
     with store.session() as s:
         pr = s.get(PullRequest, pr_pk)
         total_stat = git.diff_stat(workdir, _merge_base(workdir, pr.base_branch, head), head)
-        revs = [f"{r.number}: {r.commit_sha[:10]} ({r.trigger}, {r.validation.get('summary', '')})"
+        revs = [f"{r.number}: {r.commit_sha[:10]} ({r.trigger}, {verdict.line(r.validation)})"
                 for r in pr.revisions]
         body = pr_body(
             requirement=req["requirement"], requester=req["requester"], source=req["source"],

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
+from bot.verdict import line as verdict_line
 
 _STAGE_LABELS = {
     "workspace": "reading the repository",
@@ -123,7 +124,7 @@ def succeeded(view: JobView) -> Reply:
         head = f":white_check_mark: *#{view.request_id}* Opened {_pr_link(r)} ({took})"
     stat = (r.get("diff_stat") or "").strip()
     body = head + (f"\n```{stat}```" if stat else "") + \
-        f"\nValidation: *{verdict}* — {validation.get('summary', 'no checks')}"
+        f"\nValidation: *{verdict}* — {verdict_line(validation)}"
     text = f"#{view.request_id}: {_pr_link(r)}, validation {verdict}"
     return Reply(text=text, blocks=[_section(body)])
 

@@ -7,6 +7,7 @@ commit); the numbers are measured by coverage.py inside the sandbox (``bot.reqte
 
 from __future__ import annotations
 
+import ast
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +32,30 @@ def changed_lines(workdir: Path, start_sha: str, paths: Sequence[str]) -> dict[s
         for tag, _i1, _i2, j1, j2 in matcher.get_opcodes():
             if tag in ("replace", "insert"):
                 lines.extend(range(j1 + 1, j2 + 1))
-        lines = [n for n in lines if new[n - 1].strip()]
+        skip = _import_time_lines("\n".join(new))
+        lines = [n for n in lines if new[n - 1].strip() and n not in skip]
         if lines:
             out[rel] = lines
+    return out
+
+
+def _import_time_lines(source: str) -> set[int]:
+    """Lines that run when the module is imported, whatever the tests do: ``def``/``class``
+    headers and decorators, and docstrings. Counting them would call new code "executed"
+    because some test imported its module."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            out.update(range(first, node.body[0].lineno))
+            doc = node.body[0]
+            if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) \
+                    and isinstance(doc.value.value, str):
+                out.update(range(doc.lineno, (doc.end_lineno or doc.lineno) + 1))
     return out
 
 

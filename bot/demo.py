@@ -42,7 +42,7 @@ def test_shout():
 
 DEMO_REQUIREMENT = (
     "Add a function count_vowels(text) to textutil.py that returns how many vowels "
-    "(a, e, i, o, u) the text contains."
+    "(a, e, i, o, u) the text contains. For example, count_vowels(\"Hello World\") returns 3."
 )
 
 
@@ -68,6 +68,41 @@ def _codeloop(home: Path, *args: str) -> int:
     return subprocess.call([sys.executable, "-m", "bot.cli", *args], env=env)
 
 
+def _say_what_was_proven(home: Path) -> None:
+    """The demo's point: what validation proved about the change, not just that it ran."""
+    import os
+
+    from sqlalchemy import select
+
+    from bot import verdict
+    from bot.settings import Settings
+    from bot.store.db import Store
+    from bot.store.models import JobStage, Revision
+
+    old = os.environ.get("CODELOOP_HOME")
+    os.environ["CODELOOP_HOME"] = str(home)
+    try:
+        store = Store(Settings().database_url)
+    finally:
+        if old is None:
+            os.environ.pop("CODELOOP_HOME", None)
+        else:
+            os.environ["CODELOOP_HOME"] = old
+    with store.session() as s:
+        rejected = [st for st in s.scalars(select(JobStage).where(JobStage.state == "done"))
+                    if st.name.startswith("validate-") and not st.output.get("ok")]
+        rev = s.scalar(select(Revision).order_by(Revision.id.desc()))
+        print("\nwhat validation proved:")
+        for st in rejected:
+            why = (st.output.get("reason") or "").strip().splitlines()
+            print(f"  {st.name}: rejected — {why[0] if why else 'failed'}")
+            detail = [ln for ln in why if "assert" in ln][:1]
+            if detail:
+                print(f"      {detail[0].strip()}")
+        if rev is not None:
+            print(f"  accepted: {verdict.line(rev.validation)}")
+
+
 def run_demo(root: Path) -> int:
     root = root.resolve()
     shutil.rmtree(root, ignore_errors=True)
@@ -79,6 +114,7 @@ def run_demo(root: Path) -> int:
     if _codeloop(home, "run", DEMO_REQUIREMENT, "--repo", str(repo)) != 0:
         print("\nthe demo's job failed; see the reason above", file=sys.stderr)
         return 1
+    _say_what_was_proven(home)
     steps = [
         ("show", "1", "--diff"),
         ("review", "1", "--approve"),

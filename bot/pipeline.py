@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from bot import git, jobs, reqtests, verdict, workspace
+from bot import changed_lines, git, jobs, reqtests, verdict, workspace
 from bot.forges import Forge, ForgeError, RepoInfo
 from bot.ports import (
     Backend,
@@ -30,6 +31,7 @@ from bot.ports import (
 from bot.settings import RepoConfig, RepoConfigError, Settings, parse_repo_config
 from bot.store.db import Store
 from bot.store.models import (
+    Candidate,
     EditFormatStat,
     Job,
     JobStage,
@@ -310,24 +312,26 @@ def run_job(job_id: int, ports: Ports) -> dict:
 
     # 4-6. generate, parse, validate; retry with the errors ----------------------
     attempts = settings.pipeline.max_attempts
+    n = settings.pipeline.candidates_for(settings.backend.kind)
     good: dict | None = None
     last_reason = ""
     current = prompt
     for attempt in range(1, attempts + 1):
         gen = stages.run(
             f"generate-{attempt}",
-            lambda: _generate(ports, current, model_name),
-            f"generating (attempt {attempt}/{attempts})",
+            lambda: _generate_candidates(ports, current, model_name, n) if n > 1
+            else _generate(ports, current, model_name),
+            f"generating (attempt {attempt}/{attempts})"
+            + (f", {n} candidates" if n > 1 else ""),
         )
-        answer = gen["text"]
-        parsed = parse_edits(answer, fmt)
         check = stages.run(
             f"validate-{attempt}",
-            lambda: _apply_and_validate(ports, workdir, ws["start_sha"], answer, fmt, config,
-                                        proof_spec),
+            lambda: _validate_candidates(ports, workdir, ws["start_sha"], gen, fmt, config,
+                                         proof_spec),
             f"validating (attempt {attempt}/{attempts})",
-            on_done=_record_format(gen["model"], fmt, parsed.well_formed),
+            on_done=_record_candidates(job_id, attempt, current, gen, fmt),
         )
+        answer = _texts(gen)[check.get("chosen", 0)]
         if check["ok"]:
             good = {**check, "text": answer, "model": gen["model"], "attempt": attempt}
             break
@@ -454,22 +458,147 @@ def _apply_and_validate(
     if not changed:
         return {"ok": False, "reason": "the model's edit changed nothing", "changed": [],
                 "problems": parsed.problems}
+    diff_lines = sum(len(v) for v in changed_lines.changed_lines(workdir, start_sha,
+                                                                  changed).values())
     result = validate(
         workdir, changed, config.test_command, ports.settings.sandbox,
         secrets=ports.settings.secret_values(),
     )
     out = _validation_json(result)
     ok, reason = result.ok, ("" if result.ok else result.failures_text())
-    if ok and proof_spec is not None:
+    # Requirement tests run even when an existing test failed: candidates are ranked by them
+    # first, and the model's retry reads both. Not after a syntax or lint failure.
+    lint_ok = all(c.ok or c.skipped for c in result.checks if c.name != "tests")
+    if lint_ok and proof_spec is not None:
         proof = _prove(ports, workdir, start_sha, parsed.edits, changed, config, proof_spec)
         out["proof"] = proof
         if not proof["ok"]:
-            ok, reason = False, reqtests.failures_text(proof)
+            ok, reason = False, (reason + "\n\n" + reqtests.failures_text(proof)).strip()
             out["ok"] = False
     out["verdict"] = verdict.line(out)
     workspace.reset(workdir, start_sha)
     return {"ok": ok, "reason": reason, "changed": changed, "validation": out,
-            "problems": parsed.problems}
+            "problems": parsed.problems, "diff_lines": diff_lines}
+
+
+# ---------------------------------------------------------------- best of N
+
+
+def _texts(gen: dict) -> list[str]:
+    return [c["text"] for c in gen["candidates"]] if "candidates" in gen else [gen["text"]]
+
+
+def _generate_candidates(ports: Ports, prompt: Prompt, model_name: str, n: int) -> dict:
+    """N answers to one prompt: one batched request where the backend takes `n` (the OpenAI
+    API), else N generations, the first at the configured temperature and the rest sampled."""
+    settings = ports.settings
+    backend = ports.backend()
+    params = GenerationParams(
+        max_tokens=settings.backend.max_new_tokens,
+        temperature=max(settings.backend.temperature, settings.pipeline.candidate_temperature),
+        stop=prompt.stop, prefix=prompt.prefix, model=model_name,
+    )
+    try:
+        if hasattr(backend, "generate_n"):
+            gens = backend.generate_n(prompt.messages, params, n)
+        else:
+            first = GenerationParams(**{**params.__dict__,
+                                        "temperature": settings.backend.temperature})
+            gens = [backend.generate(prompt.messages, first if i == 0 else params)
+                    for i in range(n)]
+    except BackendError as exc:
+        if exc.retryable:
+            raise BackendUnavailable(str(exc)) from exc
+        raise JobFailed(f"the model backend failed: {exc}") from exc
+    candidates = []
+    for gen in gens:
+        text = gen.text
+        if prompt.stop and gen.finish_reason == "stop" and "```" in prompt.stop:
+            text = text.rstrip() + "\n```\n"
+        candidates.append({"text": text, "completion_tokens": gen.completion_tokens,
+                           "finish_reason": gen.finish_reason})
+    return {
+        "text": candidates[0]["text"], "model": gens[0].model,
+        "prompt_tokens": gens[0].prompt_tokens,
+        "completion_tokens": sum(g.completion_tokens for g in gens),
+        "seconds": round(max(g.seconds for g in gens) if hasattr(backend, "generate_n")
+                         else sum(g.seconds for g in gens), 3),
+        "finish_reason": gens[0].finish_reason, "candidates": candidates,
+    }
+
+
+def _score(check: dict) -> list:
+    """The ranking key, best highest: requirement tests, then existing tests, then lint, then
+    the smaller diff."""
+    validation = check.get("validation") or {}
+    checks = {c["name"]: c for c in validation.get("checks", [])}
+
+    def passed(name: str) -> int:
+        c = checks.get(name)
+        return int(c is not None and (c["ok"] or c["skipped"]))
+
+    proof = validation.get("proof") or {}
+    req = sum(1 for k in proof.get("requirement_tests", []) if k.get("change") == "passed")
+    return [int(check["ok"]), req, passed("tests"), passed("syntax") + passed("ruff"),
+            -check.get("diff_lines", 10**6)]
+
+
+def _validate_candidates(
+    ports: Ports, workdir: Path, start_sha: str, gen: dict, fmt: str, config: RepoConfig,
+    proof_spec: dict | None,
+) -> dict:
+    """Validate every candidate (parallel sandboxes, each in its own clone, within
+    `pipeline.candidate_concurrency`) and return the best one's check with all results."""
+    texts = _texts(gen)
+    if len(texts) == 1:
+        check = _apply_and_validate(ports, workdir, start_sha, texts[0], fmt, config, proof_spec)
+        return {**check, "chosen": 0, "scores": [_score(check)]}
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> dict:
+        clone = workdir.parent / f"{workdir.name}-candidate-{i}"
+        shutil.rmtree(clone, ignore_errors=True)
+        git.git(workdir.parent, "clone", "--quiet", "--shared", "--no-checkout",
+                str(workdir), str(clone))
+        try:
+            return _apply_and_validate(ports, clone, start_sha, texts[i], fmt, config,
+                                       proof_spec)
+        finally:
+            shutil.rmtree(clone, ignore_errors=True)
+
+    with ThreadPoolExecutor(max_workers=ports.settings.pipeline.candidate_concurrency) as pool:
+        checks = list(pool.map(one, range(len(texts))))
+    scores = [_score(c) for c in checks]
+    best = max(range(len(checks)), key=lambda i: (scores[i], -i))
+    others = [
+        {"index": i, "ok": c["ok"], "score": scores[i], "reason": c.get("reason", "")[-1500:],
+         "validation": c.get("validation", {})}
+        for i, c in enumerate(checks)
+    ]
+    return {**checks[best], "chosen": best, "scores": scores, "candidates": others}
+
+
+def _record_candidates(
+    job_id: int, attempt: int, prompt: Prompt, gen: dict, fmt: str
+) -> Callable[[Session, dict], None]:
+    """Store every candidate and its results, in the validate checkpoint's transaction."""
+    def record(s: Session, output: dict) -> None:
+        texts = _texts(gen)
+        chosen = output.get("chosen", 0)
+        results = output.get("candidates") or [
+            {"index": 0, "ok": output["ok"], "score": (output.get("scores") or [[]])[0],
+             "reason": output.get("reason", ""), "validation": output.get("validation", {})}]
+        for r in results:
+            i = r["index"]
+            s.add(Candidate(
+                job_id=job_id, attempt=attempt, idx=i, prompt=prompt.to_json(), text=texts[i],
+                model=gen["model"], ok=bool(r["ok"]), chosen=bool(output["ok"] and i == chosen),
+                score=list(r["score"]), reason=(r.get("reason") or None),
+                validation=r.get("validation") or {},
+            ))
+        _record_format(gen["model"], fmt, parse_edits(texts[chosen], fmt).well_formed)(s, output)
+
+    return record
 
 
 # ---------------------------------------------------------------- requirement tests

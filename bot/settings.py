@@ -130,6 +130,10 @@ class PipelineSettings(BaseModel):
         "stored). Empty: 4 on an OpenAI-compatible server (one batched request), 1 on the "
         "embedded model.",
     )
+    candidate_temperature: float = Field(
+        default=0.8, ge=0, le=2,
+        description="Sampling temperature for candidates beyond the first (they must differ).",
+    )
     candidate_concurrency: int = Field(
         default=2, ge=1, le=16, description="Candidates validated at once (parallel sandboxes)."
     )

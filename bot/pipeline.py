@@ -39,7 +39,8 @@ from bot.store.models import (
     Revision,
     utcnow,
 )
-from bot.validate import validate
+from bot.sandbox import probe
+from bot.validate import SandboxError, validate
 from inference import context as ctx
 from inference.edits import (
     EditRejected,
@@ -242,6 +243,7 @@ def run_job(job_id: int, ports: Ports) -> dict:
         info = _repo_info_for_revision(ports, req["repo"])
 
     def stage_workspace() -> dict:
+        config_text = _trusted_config_text(ports.forge, info)
         if kind == "revise":
             with store.session() as s:
                 pr = s.get(PullRequest, pr_id)
@@ -251,21 +253,22 @@ def run_job(job_id: int, ports: Ports) -> dict:
             if ports.forge.branch_head(info, branch) is None:
                 raise JobFailed(f"branch {branch} was deleted; the revision was dropped")
             _, sha = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, branch)
-            return {"base_branch": base_branch, "start_sha": sha, "branch": branch}
-        config_text = ports.forge.read_file(info, info.default_branch, ".codeloop.yml")
-        try:
-            base_branch = parse_repo_config(config_text).base_branch or info.default_branch
-        except RepoConfigError as exc:
-            raise JobFailed(str(exc)) from exc
+            return {"base_branch": base_branch, "start_sha": sha, "branch": branch,
+                    "config": config_text}
+        base_branch = _load_config(config_text).base_branch or info.default_branch
         _, sha = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, base_branch)
-        return {"base_branch": base_branch, "start_sha": sha}
+        return {"base_branch": base_branch, "start_sha": sha, "config": config_text}
 
     ws = stages.run("workspace", stage_workspace, f"reading {Path(req['repo']).name}")
     workdir, _ = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, ws["start_sha"])
-    try:
-        config = parse_repo_config(git.show_file(workdir, ws["start_sha"], ".codeloop.yml"))
-    except RepoConfigError as exc:
-        raise JobFailed(str(exc)) from exc
+    # The configuration the job started with, from the default branch: never the PR branch's,
+    # which a generated change could have edited (docs/architecture.md, "Trust boundaries").
+    config = _load_config(ws["config"] if "config" in ws else _trusted_config_text(ports.forge, info))
+    if config.test_command and settings.sandbox.isolation != "none":
+        found = probe(settings.sandbox)
+        if not found.ok:
+            raise JobFailed(f"this worker cannot run the repository's tests safely, so nothing "
+                            f"was generated: {found.detail}")
     model_name = config.model or _serving_model(settings, store, job_id)
     # The format follows the model family: an adapter answers like its base model.
     fmt = config.edit_format or default_format_for(config.model or settings.backend.model)
@@ -365,6 +368,18 @@ def run_job(job_id: int, ports: Ports) -> dict:
     return published
 
 
+def _trusted_config_text(forge: Forge, info: RepoInfo) -> str | None:
+    """`.codeloop.yml` as the default branch has it: the one place configuration comes from."""
+    return forge.read_file(info, info.default_branch, ".codeloop.yml")
+
+
+def _load_config(text: str | None) -> RepoConfig:
+    try:
+        return parse_repo_config(text)
+    except RepoConfigError as exc:
+        raise JobFailed(str(exc)) from exc
+
+
 def _serving_model(settings: Settings, store: Store, job_id: int) -> str:
     """The promoted model version (or, for canary jobs, the one before it), else the default."""
     from training.registry import serving_model
@@ -460,10 +475,14 @@ def _apply_and_validate(
                 "problems": parsed.problems}
     diff_lines = sum(len(v) for v in changed_lines.changed_lines(workdir, start_sha,
                                                                   changed).values())
-    result = validate(
-        workdir, changed, config.test_command, ports.settings.sandbox,
-        secrets=ports.settings.secret_values(),
-    )
+    blobs = git.blob_ids(workdir, changed)  # what was validated is what may be pushed
+    try:
+        result = validate(
+            workdir, changed, config.test_command, ports.settings.sandbox,
+            secrets=ports.settings.secret_values(),
+        )
+    except SandboxError as exc:
+        raise JobFailed(str(exc)) from exc
     out = _validation_json(result)
     ok, reason = result.ok, ("" if result.ok else result.failures_text())
     # Requirement tests run even when an existing test failed: candidates are ranked by them
@@ -478,7 +497,7 @@ def _apply_and_validate(
     out["verdict"] = verdict.line(out)
     workspace.reset(workdir, start_sha)
     return {"ok": ok, "reason": reason, "changed": changed, "validation": out,
-            "problems": parsed.problems, "diff_lines": diff_lines}
+            "problems": parsed.problems, "diff_lines": diff_lines, "blobs": blobs}
 
 
 # ---------------------------------------------------------------- best of N
@@ -711,7 +730,8 @@ def _publish(
     store, forge = ports.store, ports.forge
     workspace.reset(workdir, ws["start_sha"])
     changed = apply_edits(parse_edits(good["text"], fmt).edits, workdir, config)
-    changed += _add_requirement_tests(workdir, good.get("validation", {}))
+    tests_added = _add_requirement_tests(workdir, good.get("validation", {}))
+    changed += tests_added
     git.git(workdir, "add", "--", *changed)
     title = _title(req["requirement"])
     # A deterministic commit (fixed dates from the job): a resumed publish makes the same
@@ -726,6 +746,12 @@ def _publish(
     dates = {"GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
     git.git(workdir, "commit", "--quiet", "--no-verify", "-F", "-", input=message, env=dates)
     head = git.rev(workdir, "HEAD")
+    expected = dict(good.get("blobs") or git.blob_ids(workdir, changed))
+    expected.update(git.blob_ids(workdir, tests_added))  # written just now from the proof
+    try:
+        git.verify_commit(workdir, ws["start_sha"], head, expected)
+    except git.GitError as exc:
+        raise JobFailed(str(exc)) from exc
     diff_text = git.diff(workdir, ws["start_sha"], head)
     stat = git.diff_stat(workdir, ws["start_sha"], head)
 
@@ -735,7 +761,7 @@ def _publish(
             branch = pr.branch if pr else _new_branch(s, forge.name, info.repo, req)
     else:
         branch = ws["branch"]
-    forge.push_branch(info, workdir, branch)
+    forge.push_branch(info, workdir, branch, head)
     failpoint(ports.settings.failpoint, "publish:pushed")
 
     with store.session() as s:

@@ -192,3 +192,33 @@ def test_requirement_tests_off_says_so(tmp_path, sample_repo):
     # that nothing measured it.
     assert outcome.state == "succeeded"
     assert "requirement tests and coverage were not measured" in body
+
+
+@pytest.mark.parametrize("text", [
+    '__import__("os").system("touch /tmp/pwned") == 0',
+    'exec("import os") returns None',
+    'eval("1+1") == 2',
+    'getattr(obj, "x") returns 1',
+    'f(open("/etc/passwd")) == 1',
+    'f(x=__import__("os")) == 1',
+    'f(1) == __import__("os")',
+])
+def test_requirement_text_cannot_smuggle_code_into_a_test(text):
+    # Only calls of a plain name with literal arguments and a literal result are taken; the
+    # assertion is re-rendered from the parsed literals, never copied from the text.
+    assert extract_examples(text) == []
+
+
+def test_model_test_cannot_escape_or_overwrite(tmp_path):
+    from bot.reqtests import parse_model_test
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_textutil.py").write_text("# the repository's own\n")
+    escape = "../../etc/cron.d/x.py\n```python\ndef test_a():\n    assert 1\n```\n"
+    test, _ = parse_model_test(escape, tmp_path)
+    assert test["path"] == "tests/test_x.py"
+    clobber = "tests/test_textutil.py\n```python\ndef test_a():\n    assert 1\n```\n"
+    test, _ = parse_model_test(clobber, tmp_path)
+    assert test["path"] == "tests/test_requirement_model.py"
+    test, why = parse_model_test("tests/test_a.py\n```python\ndef test_a(:\n```\n", tmp_path)
+    assert test is None and "does not parse" in why

@@ -67,6 +67,7 @@ def main() -> int:
     parser.add_argument("--base-url", help="an OpenAI-compatible server (default: embedded)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--attempts", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--tasks", type=int, default=len(TASKS))
     parser.add_argument("--configs", default=",".join(f"{n}:{m}" for n, m in CONFIGS),
                         help="candidates:requirement_tests pairs, e.g. 1:off,4:auto")
@@ -77,8 +78,10 @@ def main() -> int:
     from bot.runtime import build_backend, build_runtime, execute
     from bot.settings import BackendSettings, PipelineSettings, Settings
 
-    backend_settings = (BackendSettings(kind="openai", base_url=args.base_url, model=args.model)
-                        if args.base_url else BackendSettings(model=args.model))
+    backend_settings = (
+        BackendSettings(kind="openai", base_url=args.base_url, model=args.model,
+                        max_new_tokens=args.max_new_tokens)
+        if args.base_url else BackendSettings(model=args.model, max_new_tokens=args.max_new_tokens))
     configs = [(int(n), m) for n, m in (c.split(":") for c in args.configs.split(","))]
     root = Path(tempfile.mkdtemp(prefix="codeloop-bench-req-"))
     backend = None
@@ -107,8 +110,8 @@ def main() -> int:
                         resolved += 1
                     else:
                         false_accepts += 1
-                print(f"  candidates={n} requirement_tests={mode} {name}: {outcome.state}"
-                      f"{'' if outcome.state == 'succeeded' else ' — ' + (outcome.error or '')[:80]}",
+                why = "" if outcome.state == "succeeded" else " — " + (outcome.error or "")[:80]
+                print(f"  candidates={n} requirement_tests={mode} {name}: {outcome.state}{why}",
                       flush=True)
             rows.append((n, mode, resolved, opened, false_accepts,
                          time.perf_counter() - started))

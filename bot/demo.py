@@ -42,8 +42,12 @@ def test_shout():
 
 DEMO_REQUIREMENT = (
     "Add a function count_vowels(text) to textutil.py that returns how many vowels "
-    "(a, e, i, o, u) the text contains. For example, count_vowels(\"Hello World\") returns 3."
+    "(a, e, i, o, u) the text contains."
 )
+# The demo states an example: it becomes a requirement test that a wrong answer (counting
+# words, say) fails, where the repository's own tests would pass it.
+DEMO_EXAMPLE = ' For example, count_vowels("Hello World") returns 3.'
+
 
 
 def make_sample_repo(path: Path, files: dict[str, str] | None = None) -> Path:
@@ -79,7 +83,7 @@ def _say_what_was_proven(home: Path) -> bool:
     from bot import verdict
     from bot.settings import Settings
     from bot.store.db import Store
-    from bot.store.models import JobStage, Revision
+    from bot.store.models import Candidate, JobStage, Revision
 
     old = os.environ.get("CODELOOP_HOME")
     os.environ["CODELOOP_HOME"] = str(home)
@@ -93,14 +97,21 @@ def _say_what_was_proven(home: Path) -> bool:
     with store.session() as s:
         rejected = [st for st in s.scalars(select(JobStage).where(JobStage.state == "done"))
                     if st.name.startswith("validate-") and not st.output.get("ok")]
+        answers = {f"validate-{c.attempt}": c.text for c in s.scalars(
+            select(Candidate).where(Candidate.chosen.is_(False)).order_by(Candidate.idx))}
         rev = s.scalar(select(Revision).order_by(Revision.id.desc()))
         print("\nwhat validation proved:")
         for st in rejected:
             why = (st.output.get("reason") or "").strip().splitlines()
-            print(f"  {st.name}: rejected — {why[0] if why else 'failed'}")
+            print(f"  {st.name}: rejected — {why[0].lstrip('# ') if why else 'failed'}")
+            code = answers.get(st.name, "").split("def count_vowels", 1)[1:]
+            body = [ln.strip() for ln in (code[0].splitlines() if code else [])
+                    if ln.strip().startswith("return")][:1]
+            if body:
+                print(f"      the answer:  {body[0]}")
             detail = [ln for ln in why if "assert" in ln][:1]
             if detail:
-                print(f"      {detail[0].strip()}")
+                print(f"      the test:    {detail[0].strip()}")
         if rev is not None:
             print(f"  accepted: {verdict.line(rev.validation)}")
         return any("requirement test" in (st.output.get("reason") or "") for st in rejected)
@@ -113,8 +124,9 @@ def run_demo(root: Path) -> int:
     home = root / "codeloop-home"
     started = time.perf_counter()
     print(f"codeloop demo: a sample repository at {repo} (2 passing tests)")
-    print(f"requirement: {DEMO_REQUIREMENT}")
-    if _codeloop(home, "run", DEMO_REQUIREMENT, "--repo", str(repo)) != 0:
+    requirement = DEMO_REQUIREMENT + DEMO_EXAMPLE
+    print(f"requirement: {requirement}")
+    if _codeloop(home, "run", requirement, "--repo", str(repo)) != 0:
         caught = _say_what_was_proven(home)
         if not caught:
             print("\nthe demo's job failed; see the reason above", file=sys.stderr)

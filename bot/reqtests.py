@@ -488,6 +488,20 @@ def prove(
             k["change"] = t["state"]
             if t["state"] != "passed":
                 k["message"] = t["message"][-800:]
+    # A stated example that fails rejects the change. A test the model wrote may itself be
+    # wrong, so when it fails with the change it is reported and dropped (with its file),
+    # not used to reject: it only ranks candidates when it passes.
+    doubtful = {k["id"].split("::", 1)[0] for k in kept
+                if k["origin"] == "model" and k["change"] != "passed"}
+    for k in kept:
+        if k["id"].split("::", 1)[0] in doubtful:
+            reason = ("fails with the change too: the model's test may be wrong, so it was not "
+                      "kept" if k["change"] != "passed" else
+                      "dropped with its file, where another test failed with the change")
+            proof["discarded"].append({"id": k["id"], "origin": k["origin"], "reason": reason,
+                                       "message": k.get("message", "")[-400:]})
+    kept = [k for k in kept if k["id"].split("::", 1)[0] not in doubtful]
+    files = {p: t for p, t in files.items() if p not in doubtful}
     proof["requirement_tests"] = kept
     proof["ok"] = all(k["change"] == "passed" for k in kept)
     proof["files"] = files if proof["ok"] else {}

@@ -222,3 +222,20 @@ def test_model_test_cannot_escape_or_overwrite(tmp_path):
     assert test["path"] == "tests/test_requirement_model.py"
     test, why = parse_model_test("tests/test_a.py\n```python\ndef test_a(:\n```\n", tmp_path)
     assert test is None and "does not parse" in why
+
+
+def test_model_test_failing_with_the_change_is_reported_not_trusted(sqlite_settings, sample_repo):
+    # A small model's test can be wrong; it must not veto a change the way a stated example
+    # does. It is dropped, and the pull request says why.
+    wrong = ("tests/test_whisper.py\n```python\nfrom textutil import whisper\n\n\n"
+             "def test_whisper():\n    assert whisper(\"HI\") == \"HI!!!\"\n```\n")
+    backend = ScriptedBackend(GOOD, tests=(wrong,))
+    outcome, body = run(sqlite_settings, sample_repo, backend, "Add a whisper(text) helper")
+    assert outcome.state == "succeeded", outcome.error
+    proof = outcome.result["validation"]["proof"]
+    assert proof["requirement_tests"] == []
+    [gone] = proof["discarded"]
+    assert "the model's test may be wrong" in gone["reason"]
+    assert "discarded `tests/test_whisper.py::test_whisper` (model)" in body
+    assert "tests/test_whisper.py" not in git_out(
+        sample_repo, "ls-tree", "-r", "--name-only", outcome.result["branch"]).split()

@@ -5,9 +5,10 @@ text anyone may write, on a machine that holds the bot's keys. So it runs under 
 
 - new user, PID, mount, IPC, UTS, cgroup and network namespaces; no capabilities; a new
   session; ``--die-with-parent``; ``no_new_privs``;
-- as an unprivileged user (``sandbox.uid``): when codeloop runs as root, bubblewrap starts
-  with just enough capability to let the trampoline below drop to that uid and enter a user
-  namespace of its own; otherwise bubblewrap's own user namespace does it;
+- as an unprivileged user: when codeloop runs as root, each sandbox running at once gets a
+  host uid of its own (from ``sandbox.uid``'s range), and bubblewrap starts with just enough
+  capability to let the trampoline below drop to it and enter a user namespace of its own;
+  otherwise bubblewrap's own user namespace does it;
 - a root file system built from nothing: ``/usr`` (and its ``/bin``/``/lib`` links), a few
   files of ``/etc``, the Python environment, all read-only; a fresh ``/proc``; a minimal
   ``/dev``; a private ``/tmp`` and ``HOME``; the job's private copy at ``/workspace`` as the
@@ -31,6 +32,7 @@ outside, reach a Unix socket and a TCP port, leave a process behind) and reports
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import secrets as _secrets
@@ -105,7 +107,7 @@ class SandboxResult:
 _TRAMPOLINE = r"""
 import ctypes, os, resource, sys
 a = sys.argv
-uid, gid, mem, nproc, fsize, nofile = (int(x) for x in a[1:7])
+uid, gid, mem, nproc, fsize, nofile, drop = (int(x) for x in a[1:8])
 def limit(res, value):
     soft, hard = resource.getrlimit(res)
     if hard != resource.RLIM_INFINITY:
@@ -115,7 +117,7 @@ for res, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CORE, 0),
                    (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, fsize),
                    (resource.RLIMIT_NOFILE, nofile)):
     limit(res, value)
-if os.getuid() == 0:
+if drop:
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, CLONE_NEWUSER = 38, 24, 0x10000000
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -140,7 +142,7 @@ if os.getuid() == 0:
     cap = 0  # the new namespace gave a full bounding set again: empty it
     while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
         cap += 1
-os.execvp(a[7], a[7:])
+os.execvp(a[8], a[8:])
 """
 
 
@@ -170,10 +172,10 @@ def _passwd(uid: int, gid: int) -> tuple[str, str]:
 
 
 def _bwrap_argv(
-    bwrap: str, root: Path, workdir: Path, settings: SandboxSettings, *, network: bool,
-    env_dir: Path | None, env_writable: bool, as_root: bool,
+    bwrap: str, root: Path, workdir: Path, uid: int, settings: SandboxSettings, *,
+    network: bool, env_dir: Path | None, env_writable: bool, as_root: bool,
 ) -> list[str]:
-    uid, gid = settings.uid, settings.uid
+    gid = uid
     argv = [
         bwrap, "--die-with-parent", "--new-session",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -239,6 +241,37 @@ def _sandbox_env(settings: SandboxSettings, env_dir: Path | None) -> dict[str, s
     if env_dir is not None:
         env["VIRTUAL_ENV"] = ENV_DIR
     return env
+
+
+UID_SLOTS = 1024
+
+
+class _UidSlot:
+    """One of UID_SLOTS host uids, held (a file lock) while one sandbox runs as it.
+
+    Process limits are counted per host uid across all sandboxes that share it: a hostile
+    test that fills its limit would starve every other job's sandbox. So each sandbox that
+    runs at once gets a uid of its own, across every worker process on this host.
+    """
+
+    def __init__(self, base: int):
+        lock_dir = Path(tempfile.gettempdir()) / "codeloop-sandbox-uids"
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        start = _secrets.randbelow(UID_SLOTS)
+        for i in range(UID_SLOTS):
+            slot = (start + i) % UID_SLOTS
+            fd = os.open(lock_dir / str(slot), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self._fd = base + slot, fd
+            return
+        raise SandboxUnavailable(f"all {UID_SLOTS} sandbox user ids are in use")
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing the file releases its lock
 
 
 def _chown_tree(path: Path, uid: int) -> None:
@@ -333,7 +366,21 @@ def _run(
 ) -> SandboxResult:
     """Run ``command`` once; ``bwrap`` None means no isolation (the explicit unsafe choice)."""
     start = time.monotonic()
-    uid = settings.uid
+    slot = _UidSlot(settings.uid) if bwrap is not None and as_root else None
+    try:
+        return _run_as(slot.uid if slot else settings.uid, bwrap, as_root, command, workdir, root,
+                       settings, network=network, env_dir=env_dir, env_writable=env_writable,
+                       timeout=timeout, scrubber=scrubber, start=start)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+def _run_as(
+    uid: int, bwrap: str | None, as_root: bool, command: str, workdir: Path, root: Path,
+    settings: SandboxSettings, *, network: bool, env_dir: Path | None, env_writable: bool,
+    timeout: float, scrubber: Scrubber, start: float,
+) -> SandboxResult:
     for name in ("tmp", "home"):
         (root / name).mkdir(exist_ok=True)
     passwd, group = _passwd(uid, uid)
@@ -346,18 +393,17 @@ def _run(
         if env_dir is not None and env_writable:
             _chown_tree(env_dir, uid)
         os.chmod(root, 0o755)
+    drop = bwrap is not None and as_root  # bubblewrap ran as root: the trampoline drops
     limits = [str(uid), str(uid), str(settings.memory_mb * 1024 * 1024), str(NPROC_LIMIT),
-              str(FSIZE_LIMIT), str(NOFILE_LIMIT)]
+              str(FSIZE_LIMIT), str(NOFILE_LIMIT), "1" if drop else "0"]
     tail = [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, *limits, "bash", "-c", command]
     if bwrap is not None:
-        argv = _bwrap_argv(bwrap, root, workdir, settings, network=network, env_dir=env_dir,
-                           env_writable=env_writable, as_root=as_root) + tail
+        argv = _bwrap_argv(bwrap, root, workdir, uid, settings, network=network,
+                           env_dir=env_dir, env_writable=env_writable, as_root=as_root) + tail
         env = _sandbox_env(settings, env_dir)
         cwd = root
     else:
-        # No isolation: the trampoline must not try to drop privileges it cannot regain.
         argv = tail
-        argv[5] = argv[6] = str(os.getuid())
         env = _sandbox_env(settings, None)
         env["HOME"], env["TMPDIR"] = str(root / "home"), str(root / "tmp")
         cwd = workdir
@@ -552,9 +598,10 @@ attempt("connect to an abstract Unix socket", abstract_socket)
 attempt("open a TCP connection", tcp)
 attempt("become root", become_root)
 attempt("hold capabilities", capabilities)
-subprocess.Popen(["sleep", "300", marker], start_new_session=True,
+subprocess.Popen(["bash", "-c", "exec -a %s sleep 300" % marker], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-print("LEFT\tleave a process behind\tstarted sleep " + marker)
+time.sleep(0.2)
+print("LEFT\tleave a process behind\tstarted " + marker)
 '''
 
 
@@ -573,22 +620,27 @@ def _marker_alive(marker: str) -> bool:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if marker.encode() in cmdline.split(b"\0"):
+        if cmdline.split(b"\0")[0] == marker.encode():
             return True
     return False
 
 
-def self_test(settings: SandboxSettings, scratch: Path) -> SelfTest:
-    """Try to break out of the sandbox in every way it must stop; each attempt must fail."""
-    if settings.isolation == "none":
-        return SelfTest(False, error="sandbox.isolation is 'none': repository code runs "
-                        "unconfined on this host")
-    found = probe(settings, fresh=True)
-    if not found.ok:
-        return SelfTest(False, error=found.detail)
-    scratch.mkdir(parents=True, exist_ok=True)
+def self_test(settings: SandboxSettings, run=None) -> SelfTest:
+    """Try to break out of the sandbox in every way it must stop; each attempt must fail.
+
+    ``run`` runs the probe (``run_sandboxed`` by default); a test passes an unconfined runner
+    to show that the probe does see an escape when there is one.
+    """
+    if run is None:
+        if settings.isolation == "none":
+            return SelfTest(False, error="sandbox.isolation is 'none': repository code runs "
+                            "unconfined on this host")
+        found = probe(settings, fresh=True)
+        if not found.ok:
+            return SelfTest(False, error=found.detail)
+        run = run_sandboxed
     tag = _secrets.token_hex(8)
-    base = Path(tempfile.mkdtemp(prefix="codeloop-selftest-", dir=scratch))
+    base = Path(tempfile.mkdtemp(prefix="codeloop-selftest-"))  # short: a Unix socket lives here
     canary_file = base / "canary.key"
     canary_file.write_text(f"canary-{tag}\n")
     outside = base / "written-from-sandbox"
@@ -611,7 +663,7 @@ def self_test(settings: SandboxSettings, scratch: Path) -> SelfTest:
         args = [str(canary_file), str(victim.pid), canary_env, unix_path, f"abstract-{tag}",
                 str(servers[2].getsockname()[1]), marker, str(outside)]
         command = "python selftest.py " + " ".join(f"'{a}'" for a in args)
-        result = run_sandboxed(command, work, settings, timeout=60)
+        result = run(command, work, settings, timeout=60)
         attempts: list[tuple[str, bool, str]] = []
         for line in result.output.splitlines():
             parts = line.split("\t")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from bot import jobs
+from bot import jobs, verdict
 from bot.forges import ForgeError
 from bot.settings import Settings
 
@@ -89,7 +89,7 @@ def _print_result(result: dict) -> None:
     _print(f"pull request #{result['number']}  branch {result['branch']}  "
            f"(revision {result['revision']}, model {result['model']})")
     _print(result.get("diff_stat", ""))
-    _print(f"validation: {'passed' if validation.get('ok') else 'failed'} — {validation.get('summary', '')}")
+    _print(f"validation: {'passed' if validation.get('ok') else 'failed'} — {verdict.line(validation)}")
 
 
 def _user() -> str | None:
@@ -143,7 +143,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         _print()
         for rev in pr.revisions:
             _print(f"revision {rev.number} ({rev.trigger}) {rev.commit_sha[:12]}: "
-                   f"{rev.validation.get('summary', '')}")
+                   f"{verdict.line(rev.validation)}")
         if pr.signals:
             _print("\nreview signals:")
             for sig in pr.signals:

@@ -44,6 +44,10 @@ DEMO_REQUIREMENT = (
     "Add a function count_vowels(text) to textutil.py that returns how many vowels "
     "(a, e, i, o, u) the text contains."
 )
+# The demo states an example: it becomes a requirement test that a wrong answer (counting
+# words, say) fails, where the repository's own tests would pass it.
+DEMO_EXAMPLE = ' For example, count_vowels("Hello World") returns 3.'
+
 
 
 def make_sample_repo(path: Path, files: dict[str, str] | None = None) -> Path:
@@ -68,6 +72,51 @@ def _codeloop(home: Path, *args: str) -> int:
     return subprocess.call([sys.executable, "-m", "bot.cli", *args], env=env)
 
 
+def _say_what_was_proven(home: Path) -> bool:
+    """The demo's point: what validation proved about the change, not just that it ran.
+
+    Returns whether a requirement test rejected an answer."""
+    import os
+
+    from sqlalchemy import select
+
+    from bot import verdict
+    from bot.settings import Settings
+    from bot.store.db import Store
+    from bot.store.models import Candidate, JobStage, Revision
+
+    old = os.environ.get("CODELOOP_HOME")
+    os.environ["CODELOOP_HOME"] = str(home)
+    try:
+        store = Store(Settings().database_url)
+    finally:
+        if old is None:
+            os.environ.pop("CODELOOP_HOME", None)
+        else:
+            os.environ["CODELOOP_HOME"] = old
+    with store.session() as s:
+        rejected = [st for st in s.scalars(select(JobStage).where(JobStage.state == "done"))
+                    if st.name.startswith("validate-") and not st.output.get("ok")]
+        answers = {f"validate-{c.attempt}": c.text for c in s.scalars(
+            select(Candidate).where(Candidate.chosen.is_(False)).order_by(Candidate.idx))}
+        rev = s.scalar(select(Revision).order_by(Revision.id.desc()))
+        print("\nwhat validation proved:")
+        for st in rejected:
+            why = (st.output.get("reason") or "").strip().splitlines()
+            print(f"  {st.name}: rejected — {why[0].lstrip('# ') if why else 'failed'}")
+            code = answers.get(st.name, "").split("def count_vowels", 1)[1:]
+            body = [ln.strip() for ln in (code[0].splitlines() if code else [])
+                    if ln.strip().startswith("return")][:1]
+            if body:
+                print(f"      the answer:  {body[0]}")
+            detail = [ln for ln in why if "assert" in ln][:1]
+            if detail:
+                print(f"      the test:    {detail[0].strip()}")
+        if rev is not None:
+            print(f"  accepted: {verdict.line(rev.validation)}")
+        return any("requirement test" in (st.output.get("reason") or "") for st in rejected)
+
+
 def run_demo(root: Path) -> int:
     root = root.resolve()
     shutil.rmtree(root, ignore_errors=True)
@@ -75,10 +124,21 @@ def run_demo(root: Path) -> int:
     home = root / "codeloop-home"
     started = time.perf_counter()
     print(f"codeloop demo: a sample repository at {repo} (2 passing tests)")
-    print(f"requirement: {DEMO_REQUIREMENT}")
-    if _codeloop(home, "run", DEMO_REQUIREMENT, "--repo", str(repo)) != 0:
-        print("\nthe demo's job failed; see the reason above", file=sys.stderr)
-        return 1
+    requirement = DEMO_REQUIREMENT + DEMO_EXAMPLE
+    print(f"requirement: {requirement}")
+    if _codeloop(home, "run", requirement, "--repo", str(repo)) != 0:
+        caught = _say_what_was_proven(home)
+        if not caught:
+            print("\nthe demo's job failed; see the reason above", file=sys.stderr)
+            return 1
+        # The point of requirement tests: a wrong answer that passes the repository's own
+        # tests is refused instead of merged. That is the demo's result, not a breakage.
+        print("\nno pull request: every answer failed the requirement's own example, so "
+              "codeloop refused to open one (and left no branch). The existing tests alone "
+              "would have passed it.")
+        print(f"demo finished in {time.perf_counter() - started:.0f} s; data in {home}")
+        return 0
+    _say_what_was_proven(home)
     steps = [
         ("show", "1", "--diff"),
         ("review", "1", "--approve"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from bot import git, jobs, workspace
+from bot import changed_lines, git, jobs, reqtests, verdict, workspace
 from bot.forges import Forge, ForgeError, RepoInfo
 from bot.ports import (
     Backend,
@@ -30,6 +31,7 @@ from bot.ports import (
 from bot.settings import RepoConfig, RepoConfigError, Settings, parse_repo_config
 from bot.store.db import Store
 from bot.store.models import (
+    Candidate,
     EditFormatStat,
     Job,
     JobStage,
@@ -198,7 +200,7 @@ def pr_body(
     lines.append("## Requirement\n")
     lines.extend("> " + line if line else ">" for line in requirement.strip().splitlines())
     lines.append("\n## Validation\n")
-    lines.append(f"**{'passed' if validation.get('ok') else 'failed'}** — {validation.get('summary', '')}")
+    lines.append(verdict.markdown(validation))
     tail = _output_tail(validation)
     if tail:
         lines.append(f"\n```\n{tail}\n```")
@@ -308,26 +310,31 @@ def run_job(job_id: int, ports: Ports) -> dict:
         return prompt.to_json()
 
     prompt = Prompt.from_json(stages.run("prompt", stage_prompt, "writing the prompt"))
+    proof_spec = _requirement_test_spec(ports, stages, kind, req["requirement"], feedback,
+                                        workdir, prompt, model_name)
 
     # 4-6. generate, parse, validate; retry with the errors ----------------------
     attempts = settings.pipeline.max_attempts
+    n = settings.pipeline.candidates_for(settings.backend.kind)
     good: dict | None = None
     last_reason = ""
     current = prompt
     for attempt in range(1, attempts + 1):
         gen = stages.run(
             f"generate-{attempt}",
-            lambda: _generate(ports, current, model_name),
-            f"generating (attempt {attempt}/{attempts})",
+            lambda: _generate_candidates(ports, current, model_name, n) if n > 1
+            else _generate(ports, current, model_name),
+            f"generating (attempt {attempt}/{attempts})"
+            + (f", {n} candidates" if n > 1 else ""),
         )
-        answer = gen["text"]
-        parsed = parse_edits(answer, fmt)
         check = stages.run(
             f"validate-{attempt}",
-            lambda: _apply_and_validate(ports, workdir, ws["start_sha"], answer, fmt, config),
+            lambda: _validate_candidates(ports, workdir, ws["start_sha"], gen, fmt, config,
+                                         proof_spec),
             f"validating (attempt {attempt}/{attempts})",
-            on_done=_record_format(gen["model"], fmt, parsed.well_formed),
+            on_done=_record_candidates(job_id, attempt, current, gen, fmt),
         )
+        answer = _texts(gen)[check.get("chosen", 0)]
         if check["ok"]:
             good = {**check, "text": answer, "model": gen["model"], "attempt": attempt}
             break
@@ -446,7 +453,8 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
 
 
 def _apply_and_validate(
-    ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig
+    ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig,
+    proof_spec: dict | None = None,
 ) -> dict:
     workspace.reset(workdir, start_sha)
     parsed = parse_edits(answer, fmt)
@@ -465,6 +473,8 @@ def _apply_and_validate(
     if not changed:
         return {"ok": False, "reason": "the model's edit changed nothing", "changed": [],
                 "problems": parsed.problems}
+    diff_lines = sum(len(v) for v in changed_lines.changed_lines(workdir, start_sha,
+                                                                  changed).values())
     blobs = git.blob_ids(workdir, changed)  # what was validated is what may be pushed
     try:
         result = validate(
@@ -474,10 +484,218 @@ def _apply_and_validate(
     except SandboxError as exc:
         raise JobFailed(str(exc)) from exc
     out = _validation_json(result)
-    reason = "" if result.ok else result.failures_text()
+    ok, reason = result.ok, ("" if result.ok else result.failures_text())
+    # Requirement tests run even when an existing test failed: candidates are ranked by them
+    # first, and the model's retry reads both. Not after a syntax or lint failure.
+    lint_ok = all(c.ok or c.skipped for c in result.checks if c.name != "tests")
+    if lint_ok and proof_spec is not None:
+        proof = _prove(ports, workdir, start_sha, parsed.edits, changed, config, proof_spec)
+        out["proof"] = proof
+        if not proof["ok"]:
+            ok, reason = False, (reason + "\n\n" + reqtests.failures_text(proof)).strip()
+            out["ok"] = False
+    out["verdict"] = verdict.line(out)
     workspace.reset(workdir, start_sha)
-    return {"ok": result.ok, "reason": reason, "changed": changed, "validation": out,
-            "problems": parsed.problems, "blobs": blobs}
+    return {"ok": ok, "reason": reason, "changed": changed, "validation": out,
+            "problems": parsed.problems, "diff_lines": diff_lines, "blobs": blobs}
+
+
+# ---------------------------------------------------------------- best of N
+
+
+def _texts(gen: dict) -> list[str]:
+    return [c["text"] for c in gen["candidates"]] if "candidates" in gen else [gen["text"]]
+
+
+def _generate_candidates(ports: Ports, prompt: Prompt, model_name: str, n: int) -> dict:
+    """N answers to one prompt: one batched request where the backend takes `n` (the OpenAI
+    API), else N generations, the first at the configured temperature and the rest sampled."""
+    settings = ports.settings
+    backend = ports.backend()
+    params = GenerationParams(
+        max_tokens=settings.backend.max_new_tokens,
+        temperature=max(settings.backend.temperature, settings.pipeline.candidate_temperature),
+        stop=prompt.stop, prefix=prompt.prefix, model=model_name,
+    )
+    try:
+        if hasattr(backend, "generate_n"):
+            gens = backend.generate_n(prompt.messages, params, n)
+        else:
+            first = GenerationParams(**{**params.__dict__,
+                                        "temperature": settings.backend.temperature})
+            gens = [backend.generate(prompt.messages, first if i == 0 else params)
+                    for i in range(n)]
+    except BackendError as exc:
+        if exc.retryable:
+            raise BackendUnavailable(str(exc)) from exc
+        raise JobFailed(f"the model backend failed: {exc}") from exc
+    candidates = []
+    for gen in gens:
+        text = gen.text
+        if prompt.stop and gen.finish_reason == "stop" and "```" in prompt.stop:
+            text = text.rstrip() + "\n```\n"
+        candidates.append({"text": text, "completion_tokens": gen.completion_tokens,
+                           "finish_reason": gen.finish_reason})
+    return {
+        "text": candidates[0]["text"], "model": gens[0].model,
+        "prompt_tokens": gens[0].prompt_tokens,
+        "completion_tokens": sum(g.completion_tokens for g in gens),
+        "seconds": round(max(g.seconds for g in gens) if hasattr(backend, "generate_n")
+                         else sum(g.seconds for g in gens), 3),
+        "finish_reason": gens[0].finish_reason, "candidates": candidates,
+    }
+
+
+def _score(check: dict) -> list:
+    """The ranking key, best highest: requirement tests, then existing tests, then lint, then
+    the smaller diff."""
+    validation = check.get("validation") or {}
+    checks = {c["name"]: c for c in validation.get("checks", [])}
+
+    def passed(name: str) -> int:
+        c = checks.get(name)
+        return int(c is not None and (c["ok"] or c["skipped"]))
+
+    proof = validation.get("proof") or {}
+    req = sum(1 for k in proof.get("requirement_tests", []) if k.get("change") == "passed")
+    return [int(check["ok"]), req, passed("tests"), passed("syntax") + passed("ruff"),
+            -check.get("diff_lines", 10**6)]
+
+
+def _validate_candidates(
+    ports: Ports, workdir: Path, start_sha: str, gen: dict, fmt: str, config: RepoConfig,
+    proof_spec: dict | None,
+) -> dict:
+    """Validate every candidate (parallel sandboxes, each in its own clone, within
+    `pipeline.candidate_concurrency`) and return the best one's check with all results."""
+    texts = _texts(gen)
+    if len(texts) == 1:
+        check = _apply_and_validate(ports, workdir, start_sha, texts[0], fmt, config, proof_spec)
+        return {**check, "chosen": 0, "scores": [_score(check)]}
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> dict:
+        clone = workdir.parent / f"{workdir.name}-candidate-{i}"
+        shutil.rmtree(clone, ignore_errors=True)
+        git.git(workdir.parent, "clone", "--quiet", "--shared", "--no-checkout",
+                str(workdir), str(clone))
+        try:
+            return _apply_and_validate(ports, clone, start_sha, texts[i], fmt, config,
+                                       proof_spec)
+        finally:
+            shutil.rmtree(clone, ignore_errors=True)
+
+    with ThreadPoolExecutor(max_workers=ports.settings.pipeline.candidate_concurrency) as pool:
+        checks = list(pool.map(one, range(len(texts))))
+    scores = [_score(c) for c in checks]
+    best = max(range(len(checks)), key=lambda i: (scores[i], -i))
+    others = [
+        {"index": i, "ok": c["ok"], "score": scores[i], "reason": c.get("reason", "")[-1500:],
+         "validation": c.get("validation", {})}
+        for i, c in enumerate(checks)
+    ]
+    return {**checks[best], "chosen": best, "scores": scores, "candidates": others}
+
+
+def _record_candidates(
+    job_id: int, attempt: int, prompt: Prompt, gen: dict, fmt: str
+) -> Callable[[Session, dict], None]:
+    """Store every candidate and its results, in the validate checkpoint's transaction."""
+    def record(s: Session, output: dict) -> None:
+        texts = _texts(gen)
+        chosen = output.get("chosen", 0)
+        results = output.get("candidates") or [
+            {"index": 0, "ok": output["ok"], "score": (output.get("scores") or [[]])[0],
+             "reason": output.get("reason", ""), "validation": output.get("validation", {})}]
+        for r in results:
+            i = r["index"]
+            s.add(Candidate(
+                job_id=job_id, attempt=attempt, idx=i, prompt=prompt.to_json(), text=texts[i],
+                model=gen["model"], ok=bool(r["ok"]), chosen=bool(output["ok"] and i == chosen),
+                score=list(r["score"]), reason=(r.get("reason") or None),
+                validation=r.get("validation") or {},
+            ))
+        _record_format(gen["model"], fmt, parse_edits(texts[chosen], fmt).well_formed)(s, output)
+
+    return record
+
+
+# ---------------------------------------------------------------- requirement tests
+
+
+def _requirement_test_spec(
+    ports: Ports, stages: Stages, kind: str, requirement: str, feedback: str | None,
+    workdir: Path, prompt: Prompt, model_name: str,
+) -> dict | None:
+    """The requirement tests' sources for this job: stated examples, else a model-written test.
+
+    A revision looks for examples in the review feedback. The model's test is a checkpointed
+    stage (a resumed job does not ask again).
+    """
+    mode = ports.settings.pipeline.requirement_tests
+    if mode == "off":
+        return None
+    text = feedback if kind == "revise" else requirement
+    examples = reqtests.extract_examples(text or "")
+    spec: dict = {"examples": [e.__dict__ for e in examples], "model_test": None, "notes": []}
+    if examples or mode != "auto" or kind != "create":
+        if not examples:
+            spec["notes"].append("the requirement states no example" if kind == "create" else
+                                 "the review states no example")
+        return spec
+
+    def stage_test() -> dict:
+        docs = [(d.path, d.text) for d in _docs_from_prompt(prompt)]
+        messages = reqtests.model_test_prompt(requirement, docs, reqtests.test_dir(workdir))
+        params = GenerationParams(
+            max_tokens=ports.settings.backend.max_new_tokens,
+            temperature=ports.settings.backend.temperature, model=model_name,
+        )
+        try:
+            gen = ports.backend().generate(messages, params)
+        except BackendError as exc:
+            if exc.retryable:
+                raise BackendUnavailable(str(exc)) from exc
+            return {"test": None, "why": f"the model backend failed: {exc}"}
+        test, why = reqtests.parse_model_test(gen.text, workdir)
+        return {"test": test, "why": why}
+
+    written = stages.run("requirement-test", stage_test, "writing a test of the requirement")
+    spec["model_test"] = written["test"]
+    if written["test"] is None:
+        spec["notes"].append(f"the requirement states no example and {written['why']}")
+    return spec
+
+
+def _prove(
+    ports: Ports, workdir: Path, start_sha: str, edits, changed: list[str], config: RepoConfig,
+    spec: dict,
+) -> dict:
+    examples = [reqtests.Example(**e) for e in spec["examples"]]
+
+    def apply() -> None:
+        apply_edits(edits, workdir, config)
+
+    proof = reqtests.prove(
+        workdir, start_sha, apply, changed, examples=examples, model_test=spec["model_test"],
+        test_command=config.test_command, settings=ports.settings.sandbox,
+        secrets=ports.settings.secret_values(),
+    )
+    proof["notes"] = spec["notes"] + proof["notes"]
+    return proof
+
+
+def _add_requirement_tests(workdir: Path, validation: dict) -> list[str]:
+    """Write the kept requirement tests into the tree being committed; their paths."""
+    added = []
+    for path, text in ((validation.get("proof") or {}).get("files") or {}).items():
+        target = (workdir / path).resolve()
+        if not target.is_relative_to(workdir.resolve()) or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        added.append(path)
+    return added
 
 
 def _pr_paths(store: Store, pr_id: int | None) -> list[str]:
@@ -512,6 +730,8 @@ def _publish(
     store, forge = ports.store, ports.forge
     workspace.reset(workdir, ws["start_sha"])
     changed = apply_edits(parse_edits(good["text"], fmt).edits, workdir, config)
+    tests_added = _add_requirement_tests(workdir, good.get("validation", {}))
+    changed += tests_added
     git.git(workdir, "add", "--", *changed)
     title = _title(req["requirement"])
     # A deterministic commit (fixed dates from the job): a resumed publish makes the same
@@ -526,7 +746,8 @@ def _publish(
     dates = {"GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
     git.git(workdir, "commit", "--quiet", "--no-verify", "-F", "-", input=message, env=dates)
     head = git.rev(workdir, "HEAD")
-    expected = good.get("blobs") or git.blob_ids(workdir, changed)
+    expected = dict(good.get("blobs") or git.blob_ids(workdir, changed))
+    expected.update(git.blob_ids(workdir, tests_added))  # written just now from the proof
     try:
         git.verify_commit(workdir, ws["start_sha"], head, expected)
     except git.GitError as exc:
@@ -570,7 +791,7 @@ def _publish(
     with store.session() as s:
         pr = s.get(PullRequest, pr_pk)
         total_stat = git.diff_stat(workdir, _merge_base(workdir, pr.base_branch, head), head)
-        revs = [f"{r.number}: {r.commit_sha[:10]} ({r.trigger}, {r.validation.get('summary', '')})"
+        revs = [f"{r.number}: {r.commit_sha[:10]} ({r.trigger}, {verdict.line(r.validation)})"
                 for r in pr.revisions]
         body = pr_body(
             requirement=req["requirement"], requester=req["requester"], source=req["source"],

@@ -116,6 +116,32 @@ class PipelineSettings(BaseModel):
         description="auto: with the whole-file format, start the answer with the most relevant "
         "file's current content so small models continue it; off: never.",
     )
+    requirement_tests: Literal["auto", "examples", "off"] = Field(
+        default="auto",
+        description="Tests of the requested behaviour that must fail at the start commit and "
+        "pass with the change. auto: the requirement's stated examples, else a test the model "
+        "writes; examples: only the stated examples; off: none (the verdict says so).",
+    )
+    candidates: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="Changes generated per attempt; the best validated one is kept (all are "
+        "stored). Empty: 4 on an OpenAI-compatible server (one batched request), 1 on the "
+        "embedded model.",
+    )
+    candidate_temperature: float = Field(
+        default=0.8, ge=0, le=2,
+        description="Sampling temperature for candidates beyond the first (they must differ).",
+    )
+    candidate_concurrency: int = Field(
+        default=2, ge=1, le=16, description="Candidates validated at once (parallel sandboxes)."
+    )
+
+    def candidates_for(self, backend_kind: str) -> int:
+        if self.candidates is not None:
+            return self.candidates
+        return 4 if backend_kind == "openai" else 1
 
 
 class SandboxSettings(BaseModel):

@@ -9,13 +9,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from bot.ports import Generation, GenerationParams, Message
+from bot.reqtests import TEST_WRITER_SYSTEM
 
 
 class ScriptedBackend:
-    """Answers with the given texts in turn (the last one repeats)."""
+    """Answers with the given texts in turn (the last one repeats).
 
-    def __init__(self, *answers: str, name: str = "scripted"):
+    A request for a requirement test (the test writer's system prompt) is answered from
+    `tests` instead (in turn; by default an answer with no test file), and recorded in
+    `test_calls`, so scripts for changes stay as they are.
+    """
+
+    def __init__(self, *answers: str, name: str = "scripted", tests: tuple[str, ...] = ()):
         self.answers = list(answers)
+        self.tests = list(tests) or ["I cannot write a test for this."]
+        self.test_calls: list[list[Message]] = []
         self.calls: list[list[Message]] = []
         self.name = f"scripted:{name}"
         self.model_name = name
@@ -30,6 +38,11 @@ class ScriptedBackend:
         self, messages: list[Message], params: GenerationParams,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
+        if messages and messages[0].content == TEST_WRITER_SYSTEM:
+            self.test_calls.append(list(messages))
+            answer = self.tests[min(len(self.test_calls) - 1, len(self.tests) - 1)]
+            return Generation(text=answer, model=self.model_name, prompt_tokens=10,
+                              completion_tokens=self.count_tokens(answer), seconds=0.0)
         self.calls.append(list(messages))
         answer = self.answers[min(len(self.calls) - 1, len(self.answers) - 1)]
         if on_text is not None:  # streamed, as a server would (tests/openai_server.py)

@@ -282,6 +282,14 @@ def build_app(
         if problem:
             return _error(400, problem)
 
+        n = body.get("n") or 1
+        if not isinstance(n, int) or n < 1:
+            return _error(400, "`n` must be a positive integer")
+        if n > 1:
+            if stream:
+                return _error(400, "this test server answers n > 1 without streaming only")
+            return await run_in_threadpool(_n_answers, backend, messages, params, n, model)
+
         events = _generate_in_thread(backend, messages, params)
         if not stream:
             pieces = []
@@ -333,6 +341,29 @@ def build_app(
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         ]
     )
+
+
+def _n_answers(backend: Backend, messages, params: GenerationParams, n: int,
+               model: str) -> Response:
+    """`n` choices for one prompt, as vLLM returns them (one usage for the whole request)."""
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for index in range(n):
+        try:
+            gen = backend.generate(messages, params)
+        except ContextTooLong as exc:
+            return _error(400, str(exc))
+        cut = _StopCut(params.stop)
+        text = cut.feed(gen.text[len(params.prefix):]) + cut.flush()
+        choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop" if cut.stopped else gen.finish_reason})
+        prompt_tokens = gen.prompt_tokens
+        completion_tokens += gen.completion_tokens
+    return JSONResponse({
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+        "created": int(time.time()), "model": model, "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    })
 
 
 def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -> Iterator[bytes]:

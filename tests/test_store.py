@@ -24,6 +24,7 @@ TABLES = {"requests", "jobs", "job_stages", "pull_requests", "revisions", "revie
           "slack_channel_links", "slack_threads", "slack_job_messages",
           "github_status_comments", "github_review_replies"}
 TABLES |= {"training_runs", "model_promotions"}  # the learning loop (training/)
+TABLES |= {"candidates"}  # every generated candidate and its validation (best of N)
 ELSEWHERE_A = "other-host-a:100:boot"  # owners on another host: never presumed dead
 ELSEWHERE_B = "other-host-b:200:boot"
 OWNERS = (ELSEWHERE_A, ELSEWHERE_B)

@@ -11,6 +11,7 @@ import logging
 
 from sqlalchemy import select
 
+from bot import verdict
 from bot.github.auth import GitHubClients
 from bot.store.db import Store
 from bot.store.models import (
@@ -73,9 +74,9 @@ def render_finished(job_id: int, kind: str, ok: bool, text: str, result: dict) -
         return f"**codeloop** could not finish job {job_id}.\n\n{text}\n\n{retry}"
     lines = [f"**codeloop** finished job {job_id}.", ""]
     lines.extend(f"- [x] {step}" for step in steps)
-    validation = (result.get("validation") or {}).get("summary")
+    validation = result.get("validation") or {}
     if validation:
-        lines += ["", f"Validation: {validation}."]
+        lines += ["", f"Validation: {verdict.line(validation)}."]
     url = result.get("url") or ""
     if kind == "revise":
         lines += [
@@ -96,7 +97,7 @@ def render_reply(path: str | None, ok: bool, text: str, result: dict) -> str:
     if path and path in changed:
         return (
             f"Addressed in {commit}: `{path}` was changed in this revision "
-            f"(validation: {(result.get('validation') or {}).get('summary', 'n/a')})."
+            f"(validation: {verdict.line(result.get('validation') or {})})."
         )
     others = ", ".join(f"`{p}`" for p in changed) or "no file"
     where = f"`{path}`" if path else "this file"

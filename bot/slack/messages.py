@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
+from bot.verdict import line as verdict_line
 
 FENCE = "`" * 3
 
@@ -147,7 +148,7 @@ def succeeded(view: JobView) -> Reply:
         head = f":white_check_mark: *#{view.request_id}* Opened {_pr_link(r)} ({took})"
     stat = escape((r.get("diff_stat") or "").strip().replace(FENCE, "'" * 3))
     body = head + (f"\n{FENCE}{stat}{FENCE}" if stat else "") + \
-        f"\nValidation: *{verdict}* — {escape(validation.get('summary', 'no checks'))}"
+        f"\nValidation: *{verdict}* — {escape(verdict_line(validation))}"
     text = f"#{view.request_id}: {_pr_link(r)}, validation {verdict}"
     return Reply(text=text, blocks=[_section(body)])
 

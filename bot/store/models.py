@@ -365,3 +365,28 @@ class ModelPromotion(Base):
     actor: Mapped[str | None] = mapped_column(String(200))
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Candidate(Base):
+    """One generated change for one prompt (a job's attempt) and what validation found.
+
+    Several candidates of the same prompt, one that passed and one that failed, are an
+    execution-verified preference pair for the learning loop.
+    """
+
+    __tablename__ = "candidates"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "idx"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column()
+    idx: Mapped[int] = mapped_column()  # position in the batch the backend returned
+    prompt: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the messages asked
+    text: Mapped[str] = mapped_column(Text)  # the model's answer
+    model: Mapped[str] = mapped_column(String(200))
+    ok: Mapped[bool] = mapped_column(default=False)  # passed every check it ran
+    chosen: Mapped[bool] = mapped_column(default=False)  # the one kept for the pull request
+    score: Mapped[list[Any]] = mapped_column(default=list)  # the ranking key, best highest
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed
+    validation: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

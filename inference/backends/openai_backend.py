@@ -144,6 +144,39 @@ class OpenAIBackend:
             finish_reason=stats.get("finish_reason", "stop"),
         )
 
+    def generate_n(
+        self, messages: list[Message], params: GenerationParams, n: int
+    ) -> list[Generation]:
+        """`n` answers to one prompt in one request (the API's `n`; vLLM batches them)."""
+        kwargs = self._request(messages, params)
+        kwargs.pop("stream_options", None)
+        kwargs.update(stream=False, n=n)
+        started = time.perf_counter()
+        reply = self._with_retries(
+            "generate", lambda: self._client.chat.completions.create(**kwargs)
+        )
+        seconds = time.perf_counter() - started
+        echo = params.prefix if params.prefix and not self.settings.supports_prefill else ""
+        usage = reply.usage
+        out = []
+        for choice in sorted(reply.choices, key=lambda c: c.index):
+            text = choice.message.content or ""
+            if echo and text.startswith(echo):
+                text = text[len(echo):]
+            out.append(Generation(
+                text=params.prefix + text,
+                model=reply.model or params.model or self.model,
+                prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
+                completion_tokens=((usage.completion_tokens or 0) // max(len(reply.choices), 1))
+                if usage else 0,
+                seconds=seconds,
+                finish_reason="length" if choice.finish_reason == "length" else "stop",
+            ))
+        if not out:
+            raise BackendError(f"the model server at {self.base_url} returned no answer",
+                               retryable=True)
+        return out
+
     # ------------------------------------------------------------------ request
     def _request(self, messages: list[Message], params: GenerationParams) -> dict:
         chat = [{"role": m.role, "content": m.content} for m in messages]

@@ -86,7 +86,7 @@ def test_a_test_that_prints_the_apps_key_and_tokens_leaks_nothing_to_github(tmp_
         with env.runtime.store.session() as s:
             stored = [s.get(Job, 1).error or ""]
             stored += [f"{r.output} {r.error}" for r in s.scalars(select(JobStage))]
-        assert "FOUND 0; leak attempt" in "\n".join(stored)  # no credential was within the test's reach
+        assert "FOUND 0; leak attempt" in "\n".join(stored)  # no credential within reach
         prompts = "\n".join(m.content for call in backend.calls for m in call)
         logs = "\n".join(r.getMessage() for r in caplog.records)
         places = {"GitHub comments": comments, "pushed": pushed, "store": "\n".join(stored),

@@ -300,3 +300,53 @@ def store_count(store) -> int:
     with store.session() as s:
         return len(s.scalars(select(Delivery.id)).all())
 
+
+
+def test_codeloop_web_as_a_process_starts_while_slack_is_unreachable(tmp_path):
+    """The real `codeloop web`, with Slack's Web API on a port where nothing listens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from bot.github.webhook import sign
+    from tests.conftest import cli_env, make_settings
+    from tests.test_serve import free_port, wait_for
+
+    port, dead = free_port(), free_port()
+    env = cli_env(make_settings(tmp_path / "home"))
+    env.update(CODELOOP_WEB__PORT=str(port), CODELOOP_SLACK__BOT_TOKEN="xoxb-x",
+               CODELOOP_SLACK__SIGNING_SECRET=SECRET,
+               CODELOOP_SLACK__API_URL=f"http://127.0.0.1:{dead}/api/",
+               CODELOOP_SLACK__AUTH_RETRY_SECONDS="1", CODELOOP_GITHUB__WEBHOOK_SECRET="s3cret")
+    log_path = tmp_path / "web.log"
+    with open(log_path, "w") as log:
+        web = subprocess.Popen([sys.executable, "-m", "bot.cli", "web"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def degraded():
+                try:
+                    found = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).json()
+                except httpx.HTTPError:
+                    return None
+                # "not answered yet" while the client retries, then why it failed
+                return "failed" in found.get("degraded", {}).get("slack", "") and found
+
+            found = wait_for(degraded, 60, "a degraded /readyz")
+            assert found["ready"] is True, log_path.read_text()
+            assert "auth.test failed" in found["degraded"]["slack"]
+            body = b'{"zen": "Design for failure.", "hook_id": 2}'
+            ping = httpx.post(f"http://127.0.0.1:{port}/github/webhook", content=body, headers={
+                "X-GitHub-Event": "ping", "X-GitHub-Delivery": "p2",
+                "X-Hub-Signature-256": sign("s3cret", body), "Content-Type": "application/json"})
+            assert ping.status_code == 200
+            assert web.poll() is None  # still up
+        finally:
+            web.send_signal(signal.SIGTERM)
+            try:
+                web.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(web.pid, signal.SIGKILL)
+    assert "Traceback" not in log_path.read_text()

@@ -373,4 +373,11 @@ def test_junk_bodies_get_400_and_store_nothing(env):
             headers={"X-GitHub-Event": "issues", "X-GitHub-Delivery": "d-junk",
                      "Content-Type": kind, "X-Hub-Signature-256": sign(WEBHOOK_SECRET, body)})
         assert answer.status_code == 400, answer.text
+    from bot.github.webhook import MAX_BODY_BYTES
+
+    chunk = b"x" * (1024 * 1024)
+    chunked = env.client.post(  # no Content-Length: read only up to the limit
+        "/github/webhook", content=iter([chunk] * (MAX_BODY_BYTES // len(chunk) + 2)),
+        headers={"X-GitHub-Event": "issues", "X-GitHub-Delivery": "d-big"})
+    assert chunked.status_code == 413
     assert count(env, Delivery) == 0

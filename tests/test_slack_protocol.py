@@ -224,6 +224,9 @@ def test_junk_gets_4xx_before_anything_is_parsed_or_stored(harness_factory):
     unsigned = h.http.post("/slack/events", content=b"x" * (2 * 1024 * 1024),
                            headers={"Content-Type": "application/json"})
     assert unsigned.status_code == 413
+    chunked = h.http.post("/slack/events", content=iter([b"x" * 65536] * 40),  # no length
+                          headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413  # cut off while reading, before any check or parse
     # Slack's own notices and other apps' buttons are acknowledged, not 404.
     limited = signed(json.dumps({"token": "x", "type": "app_rate_limited", "team_id": "T0",
                                  "minute_rate_limited": 1518467820, "api_app_id": "A0"}))

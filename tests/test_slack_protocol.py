@@ -277,7 +277,8 @@ def test_the_web_server_starts_degraded_while_slack_is_down(tmp_path, slack_api)
     app = create_app(ctx, default_features(settings))  # no exception: nothing asked Slack yet
     with TestClient(app) as client:
         deadline = time.monotonic() + 10
-        while "degraded" not in client.get("/readyz").json() and time.monotonic() < deadline:
+        while ("failed" not in client.get("/readyz").json().get("degraded", {}).get("slack", "")
+               and time.monotonic() < deadline):  # "not answered yet" first, then why
             time.sleep(0.05)
         ready = client.get("/readyz")
         assert ready.status_code == 200 and "auth.test failed" in ready.json()["degraded"]["slack"]
@@ -296,6 +297,7 @@ def test_the_web_server_starts_degraded_while_slack_is_down(tmp_path, slack_api)
         while "degraded" in client.get("/readyz").json() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.get("/readyz").json() == {"ready": True, "detail": "ok"}
+    ctx.extras["slack_identity"].stop()
     store.close()
 
 

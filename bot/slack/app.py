@@ -268,6 +268,7 @@ def routes(ctx) -> list:
                     bot_identity=ctx.extras.get("slack_bot_identity"), recorder=ctx.recorder)
     identity: SlackIdentity = app.codeloop_identity
     ctx.extras.setdefault("degraded", {})["slack"] = lambda: identity.problem
+    ctx.extras["slack_identity"] = identity
     verifier = SignatureVerifier(settings.slack.signing_secret.get_secret_value())
 
     def refuse(status: int, error: str) -> JSONResponse:

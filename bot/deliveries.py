@@ -192,6 +192,7 @@ class Recorder:
             self._started = True
 
     def _write_loop(self) -> None:
+        conn: Connection | None = None  # kept open: no pool checkout (and ping) per batch
         while True:
             batch = [self._writes.get()]
             while len(batch) < self.max_batch:
@@ -200,10 +201,18 @@ class Recorder:
                 except queue.Empty:
                     break
             try:
-                with self.store.engine.begin() as conn:
+                if conn is None:
+                    conn = self.store.engine.connect()
+                with conn.begin():
                     results = [_record_in(conn, p.source, p.delivery_id, p.event, p.payload)
                                for p in batch]
             except Exception:  # noqa: BLE001 - one bad row must not fail the others
+                if conn is not None:  # the connection may be broken: take a fresh one next
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    conn = None
                 results = []
                 for p in batch:
                     try:

@@ -35,6 +35,25 @@ class WebContext:
 Feature = Callable[[WebContext], list[BaseRoute]]
 
 
+class TooLarge(ValueError):
+    """The request body is over the route's limit."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, read no further than `limit` bytes (a declared Content-Length over it is
+    refused before reading; a chunked body is cut off as soon as it passes it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise TooLarge(f"the body is over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _health(_request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 

@@ -24,7 +24,7 @@ from bot.store.models import MergedChange, PullRequest, ReviewSignal, utcnow
 
 KINDS = {
     "approved", "changes_requested", "commented", "line_comment", "merged", "closed_unmerged",
-    "dismissed", "reopened",
+    "dismissed",
 }
 
 

@@ -358,3 +358,26 @@ def test_a_comment_without_a_mention_costs_no_github_call(env):
     env.work()
     assert env.fake.log[before:] == [] and env.fake.tokens_issued == 0
     assert "does not mention @codeloop" in notes(env)["d-chat"]
+
+
+def test_junk_bodies_get_400_and_store_nothing(env):
+    """Signed, but not a payload: absurd nesting, a JSON array, a form with two payloads."""
+    from bot.github.webhook import sign
+    from tests.github_harness import WEBHOOK_SECRET
+
+    for body, kind in ((b"[" * 200_000 + b"]" * 200_000, "application/json"),
+                       (b"[1, 2]", "application/json"),
+                       (b"payload=%7B%7D&payload=%7B%7D", "application/x-www-form-urlencoded")):
+        answer = env.client.post(
+            "/github/webhook", content=body,
+            headers={"X-GitHub-Event": "issues", "X-GitHub-Delivery": "d-junk",
+                     "Content-Type": kind, "X-Hub-Signature-256": sign(WEBHOOK_SECRET, body)})
+        assert answer.status_code == 400, answer.text
+    from bot.github.webhook import MAX_BODY_BYTES
+
+    chunk = b"x" * (1024 * 1024)
+    chunked = env.client.post(  # no Content-Length: read only up to the limit
+        "/github/webhook", content=iter([chunk] * (MAX_BODY_BYTES // len(chunk) + 2)),
+        headers={"X-GitHub-Event": "issues", "X-GitHub-Delivery": "d-big"})
+    assert chunked.status_code == 413
+    assert count(env, Delivery) == 0

@@ -224,6 +224,9 @@ def test_junk_gets_4xx_before_anything_is_parsed_or_stored(harness_factory):
     unsigned = h.http.post("/slack/events", content=b"x" * (2 * 1024 * 1024),
                            headers={"Content-Type": "application/json"})
     assert unsigned.status_code == 413
+    chunked = h.http.post("/slack/events", content=iter([b"x" * 65536] * 40),  # no length
+                          headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413  # cut off while reading, before any check or parse
     # Slack's own notices and other apps' buttons are acknowledged, not 404.
     limited = signed(json.dumps({"token": "x", "type": "app_rate_limited", "team_id": "T0",
                                  "minute_rate_limited": 1518467820, "api_app_id": "A0"}))
@@ -274,7 +277,8 @@ def test_the_web_server_starts_degraded_while_slack_is_down(tmp_path, slack_api)
     app = create_app(ctx, default_features(settings))  # no exception: nothing asked Slack yet
     with TestClient(app) as client:
         deadline = time.monotonic() + 10
-        while "degraded" not in client.get("/readyz").json() and time.monotonic() < deadline:
+        while ("failed" not in client.get("/readyz").json().get("degraded", {}).get("slack", "")
+               and time.monotonic() < deadline):  # "not answered yet" first, then why
             time.sleep(0.05)
         ready = client.get("/readyz")
         assert ready.status_code == 200 and "auth.test failed" in ready.json()["degraded"]["slack"]
@@ -293,6 +297,7 @@ def test_the_web_server_starts_degraded_while_slack_is_down(tmp_path, slack_api)
         while "degraded" in client.get("/readyz").json() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.get("/readyz").json() == {"ready": True, "detail": "ok"}
+    ctx.extras["slack_identity"].stop()
     store.close()
 
 
@@ -300,3 +305,53 @@ def store_count(store) -> int:
     with store.session() as s:
         return len(s.scalars(select(Delivery.id)).all())
 
+
+
+def test_codeloop_web_as_a_process_starts_while_slack_is_unreachable(tmp_path):
+    """The real `codeloop web`, with Slack's Web API on a port where nothing listens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from bot.github.webhook import sign
+    from tests.conftest import cli_env, make_settings
+    from tests.test_serve import free_port, wait_for
+
+    port, dead = free_port(), free_port()
+    env = cli_env(make_settings(tmp_path / "home"))
+    env.update(CODELOOP_WEB__PORT=str(port), CODELOOP_SLACK__BOT_TOKEN="xoxb-x",
+               CODELOOP_SLACK__SIGNING_SECRET=SECRET,
+               CODELOOP_SLACK__API_URL=f"http://127.0.0.1:{dead}/api/",
+               CODELOOP_SLACK__AUTH_RETRY_SECONDS="1", CODELOOP_GITHUB__WEBHOOK_SECRET="s3cret")
+    log_path = tmp_path / "web.log"
+    with open(log_path, "w") as log:
+        web = subprocess.Popen([sys.executable, "-m", "bot.cli", "web"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def degraded():
+                try:
+                    found = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).json()
+                except httpx.HTTPError:
+                    return None
+                # "not answered yet" while the client retries, then why it failed
+                return "failed" in found.get("degraded", {}).get("slack", "") and found
+
+            found = wait_for(degraded, 60, "a degraded /readyz")
+            assert found["ready"] is True, log_path.read_text()
+            assert "auth.test failed" in found["degraded"]["slack"]
+            body = b'{"zen": "Design for failure.", "hook_id": 2}'
+            ping = httpx.post(f"http://127.0.0.1:{port}/github/webhook", content=body, headers={
+                "X-GitHub-Event": "ping", "X-GitHub-Delivery": "p2",
+                "X-Hub-Signature-256": sign("s3cret", body), "Content-Type": "application/json"})
+            assert ping.status_code == 200
+            assert web.poll() is None  # still up
+        finally:
+            web.send_signal(signal.SIGTERM)
+            try:
+                web.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(web.pid, signal.SIGKILL)
+    assert "Traceback" not in log_path.read_text()

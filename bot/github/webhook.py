@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from bot import deliveries
 from bot.github.events import EVENTS
+from bot.web import TooLarge, read_body
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ def routes(ctx) -> list[BaseRoute]:
     secret = secret_value.get_secret_value() if secret_value is not None else None
 
     async def webhook(request: Request) -> JSONResponse:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        try:
+            body = await read_body(request, MAX_BODY_BYTES)
+        except TooLarge:
             return JSONResponse({"error": "payload too large"}, status_code=413)
-        body = await request.body()
         if not verify(secret, body, request.headers.get("x-hub-signature-256")):
             return JSONResponse({"error": "bad or missing X-Hub-Signature-256"}, status_code=401)
         event = request.headers.get("x-github-event", "")

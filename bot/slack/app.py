@@ -258,6 +258,8 @@ def routes(ctx) -> list:
     from slack_sdk.signature import SignatureVerifier
     from starlette.responses import JSONResponse, Response
 
+    from bot.web import TooLarge, read_body
+
     settings: Settings = ctx.settings
     if settings.slack.signing_secret is None or settings.slack.bot_token is None:
         return []
@@ -266,16 +268,16 @@ def routes(ctx) -> list:
                     bot_identity=ctx.extras.get("slack_bot_identity"), recorder=ctx.recorder)
     identity: SlackIdentity = app.codeloop_identity
     ctx.extras.setdefault("degraded", {})["slack"] = lambda: identity.problem
+    ctx.extras["slack_identity"] = identity
     verifier = SignatureVerifier(settings.slack.signing_secret.get_secret_value())
 
     def refuse(status: int, error: str) -> JSONResponse:
         return JSONResponse({"ok": False, "error": error}, status_code=status)
 
     async def slack_events(request: Request):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            return refuse(413, "request too large")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
+        try:
+            body = await read_body(request, MAX_BODY_BYTES)
+        except TooLarge:
             return refuse(413, "request too large")
         timestamp = request.headers.get("x-slack-request-timestamp", "")
         signature = request.headers.get("x-slack-signature", "")

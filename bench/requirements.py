@@ -103,18 +103,25 @@ def main() -> int:
                 runtime = build_runtime(settings, backend=backend)
                 sub = jobs.submit(runtime.store, source="cli", repo=str(repo),
                                   requirement=requirement, max_bytes=100_000)
+                took = time.perf_counter()
                 outcome = execute(runtime, sub.job_id)
+                took = time.perf_counter() - took
+                hidden_ok = None
                 if outcome.state == "succeeded":
                     opened += 1
-                    if hidden_passes(repo, outcome.result["branch"], hidden, settings.sandbox):
-                        resolved += 1
-                    else:
-                        false_accepts += 1
+                    hidden_ok = hidden_passes(repo, outcome.result["branch"], hidden,
+                                              settings.sandbox)
+                    resolved += hidden_ok
+                    false_accepts += not hidden_ok
                 why = "" if outcome.state == "succeeded" else " — " + (outcome.error or "")[:80]
-                print(f"  candidates={n} requirement_tests={mode} {name}: {outcome.state}{why}",
-                      flush=True)
+                print(f"  candidates={n} requirement_tests={mode} {name}: {outcome.state}"
+                      f" hidden tests: {'-' if hidden_ok is None else hidden_ok}"
+                      f" ({took:.0f} s){why}", flush=True)
             rows.append((n, mode, resolved, opened, false_accepts,
                          time.perf_counter() - started))
+            print(f"  => candidates={n} requirement_tests={mode}: resolved {resolved}, "
+                  f"PRs {opened}, false accepts {false_accepts}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -646,10 +646,16 @@ def _requirement_test_spec(
 
     def stage_test() -> dict:
         docs = [(d.path, d.text) for d in _docs_from_prompt(prompt)]
-        messages = reqtests.model_test_prompt(requirement, docs, reqtests.test_dir(workdir))
+        where = reqtests.test_dir(workdir)
+        messages = reqtests.model_test_prompt(requirement, docs, where)
+        # Start the answer with the file's header and stop at its closing fence: a small
+        # model then writes the test, not an essay (and costs one short generation).
+        prefill = _prefill(ports.settings, "whole")
         params = GenerationParams(
             max_tokens=ports.settings.backend.max_new_tokens,
             temperature=ports.settings.backend.temperature, model=model_name,
+            prefix=f"{where}test_requirement.py\n```python\n" if prefill else "",
+            stop=("```",) if prefill else (),
         )
         try:
             gen = ports.backend().generate(messages, params)
@@ -657,7 +663,10 @@ def _requirement_test_spec(
             if exc.retryable:
                 raise BackendUnavailable(str(exc)) from exc
             return {"test": None, "why": f"the model backend failed: {exc}"}
-        test, why = reqtests.parse_model_test(gen.text, workdir)
+        text = gen.text
+        if prefill and gen.finish_reason == "stop" and text.count("```") == 1:
+            text = text.rstrip() + "\n```\n"
+        test, why = reqtests.parse_model_test(text, workdir)
         return {"test": test, "why": why}
 
     written = stages.run("requirement-test", stage_test, "writing a test of the requirement")

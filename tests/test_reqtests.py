@@ -239,3 +239,27 @@ def test_model_test_failing_with_the_change_is_reported_not_trusted(sqlite_setti
     assert "discarded `tests/test_whisper.py::test_whisper` (model)" in body
     assert "tests/test_whisper.py" not in git_out(
         sample_repo, "ls-tree", "-r", "--name-only", outcome.result["branch"]).split()
+
+
+def test_review_that_states_an_example_gets_a_requirement_test(sqlite_settings, sample_repo):
+    from feedback.signals import record_local_review
+
+    revised = GOOD.replace('return text.lower() + "..."', 'return text.lower() + "…"')
+    wrong = GOOD.replace('return text.lower() + "..."', 'return text.lower() + "!"')
+    backend = ScriptedBackend(GOOD, wrong, revised)
+    runtime = build_runtime(sqlite_settings, backend=backend)
+    first = execute(runtime, jobs.submit(runtime.store, source="cli", repo=str(sample_repo),
+                                         requirement="Add a whisper(text) helper",
+                                         max_bytes=100_000).job_id)
+    assert first.state == "succeeded", first.error
+    review = record_local_review(
+        runtime.store, first.result["pull_request_id"], kind="changes_requested",
+        body='Use a real ellipsis: whisper("HI") should return "hi…"', author="rev")
+    second = execute(runtime, review.revision_job_id)
+    # A wrong revision fails the reviewer's example; the retry passes it.
+    assert second.state == "succeeded", second.error
+    assert second.result["attempt"] == 2
+    assert "assert 'hi!' == 'hi…'" in backend.calls[2][-1].content
+    [kept] = second.result["validation"]["proof"]["requirement_tests"]
+    assert kept["origin"] == "example" and kept["stated"].startswith('whisper("HI")')
+    assert kept["start"] == "AssertionError" and kept["change"] == "passed"

@@ -7,6 +7,8 @@ finished generation is never generated again.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import logging
 import os
 import signal
@@ -46,7 +48,8 @@ from inference.edits import (
     describe_format,
     parse_edits,
 )
-from inference.prompts import ContextDoc, Prompt, build_prompt
+from inference.edits import definition_answer, find_definition
+from inference.prompts import ContextDoc, Prompt, PromptTooLong, fit_prompt
 
 log = logging.getLogger(__name__)
 
@@ -286,61 +289,55 @@ def run_job(job_id: int, ports: Ports) -> dict:
     found = stages.run("context", stage_context, "finding the files that matter")
 
     def stage_prompt() -> dict:
-        backend = ports.backend()
-        budget = settings.backend.context_tokens - settings.backend.max_new_tokens - 400
-        budget -= backend.count_tokens(query)
-        packed = ctx.pack(
-            workdir,
-            [ctx.ScoredFile(path=p, score=0.0, reasons=[]) for p in found["paths"]],
-            budget_tokens=max(budget // 2 if _prefill(settings, fmt) else budget, 64),
-            count_tokens=backend.count_tokens,
-            max_files=settings.pipeline.context_files,
-        )
-        docs = [ContextDoc(f.path, f.text) for f in packed]
-        target = _prefill_target(docs) if _prefill(settings, fmt) else None
-        prompt = build_prompt(
-            requirement=req["requirement"], context=docs, edit_format=fmt,
-            format_rules=describe_format(fmt), prefill_file=target, feedback=feedback,
-        )
-        return prompt.to_json()
+        return _plan_prompt(ports, workdir, found["paths"], req["requirement"], feedback, fmt,
+                            model_name)
 
-    prompt = Prompt.from_json(stages.run("prompt", stage_prompt, "writing the prompt"))
+    plan = stages.run("prompt", stage_prompt, "writing the prompt")
 
-    # 4-6. generate, parse, validate; retry with the errors ----------------------
+    # 4-6. generate, parse, validate; retry with the errors, each retry different ----------
     attempts = settings.pipeline.max_attempts
     good: dict | None = None
     last_reason = ""
-    current = prompt
+    history: list[dict] = []
     for attempt in range(1, attempts + 1):
+        if attempt == 1:
+            current, strategy = Prompt.from_json(plan), _first_strategy(settings, plan)
+        else:
+            strategy = _retry_strategy(settings, plan, history, attempt)
+
+            def stage_retry_prompt() -> dict:
+                retry, report = _attempt_prompt(ports, plan, strategy["mode"], req["requirement"],
+                                                feedback, history[-1])
+                return {**retry.to_json(), "packing": report, "strategy": strategy}
+
+            planned = stages.run(f"prompt-{attempt}", stage_retry_prompt,
+                                 f"rewriting the prompt (attempt {attempt}/{attempts})")
+            current, strategy = Prompt.from_json(planned), planned["strategy"]
         gen = stages.run(
             f"generate-{attempt}",
-            lambda: _generate(ports, current, model_name),
+            lambda: {**_generate(ports, current, model_name, strategy["temperature"]),
+                     "strategy": strategy},
             f"generating (attempt {attempt}/{attempts})",
         )
-        answer = gen["text"]
-        parsed = parse_edits(answer, fmt)
+        answer, afmt = _answer_in_format(plan, strategy["mode"], gen["text"], workdir,
+                                         ws["start_sha"])
+        parsed = parse_edits(answer, afmt)
         check = stages.run(
             f"validate-{attempt}",
-            lambda: _apply_and_validate(ports, workdir, ws["start_sha"], answer, fmt, config),
+            lambda: _validate_unless_repeated(ports, workdir, ws["start_sha"], answer, afmt,
+                                              config, history),
             f"validating (attempt {attempt}/{attempts})",
-            on_done=_record_format(gen["model"], fmt, parsed.well_formed),
+            on_done=_record_format(gen["model"], afmt, parsed.well_formed),
         )
+        history.append({"attempt": attempt, "mode": strategy["mode"], "raw": gen["text"],
+                        "sha": check.get("answer_sha") or _answer_sha(answer), **check})
         if check["ok"]:
-            good = {**check, "text": answer, "model": gen["model"], "attempt": attempt}
+            good = {**check, "text": answer, "model": gen["model"], "attempt": attempt,
+                    "format": afmt}
             break
         last_reason = check["reason"]
         if not check.get("retry", True):
             break
-        current = build_prompt(
-            requirement=req["requirement"],
-            context=_docs_from_prompt(prompt),
-            edit_format=fmt,
-            format_rules=describe_format(fmt),
-            feedback=feedback,
-            previous_answer=answer,
-            errors=check["reason"],
-        )
-        current = Prompt(current.messages, prompt.prefix, prompt.stop, fmt)
     if good is None:
         raise JobFailed(f"no valid change after {attempt} attempt(s): {last_reason}")
 
@@ -348,8 +345,8 @@ def run_job(job_id: int, ports: Ports) -> dict:
     try:
         published = stages.run(
             "publish",
-            lambda: _publish(ports, job_id, kind, req, info, ws, workdir, good, fmt, config,
-                             created_at, pr_id),
+            lambda: _publish(ports, job_id, kind, req, info, ws, workdir, good,
+                             good.get("format", fmt), config, created_at, pr_id),
             "opening the pull request" if kind == "create" else "pushing the revision",
         )
     except ForgeError as exc:
@@ -366,7 +363,8 @@ def _serving_model(settings: Settings, store: Store, job_id: int) -> str:
 
 
 def _slug(repo: str) -> str:
-    return git.slugify(repo, limit=80) + "-" + str(abs(hash(repo)) % 10_000)
+    """The index directory's name: the same for a repository in every process."""
+    return git.slugify(repo, limit=80) + "-" + hashlib.sha256(repo.encode()).hexdigest()[:12]
 
 
 def _prefill(settings: Settings, fmt: str) -> bool:
@@ -387,29 +385,13 @@ def _prefill_target(docs: list[ContextDoc]) -> ContextDoc | None:
     return docs[0] if docs else None
 
 
-def _docs_from_prompt(prompt: Prompt) -> list[ContextDoc]:
-    """Recover the context documents from a built prompt (for retries)."""
-    user = prompt.messages[1].content
-    docs = []
-    body = user.split("Requirement:\n", 1)[0]
-    for block in body.split("\n```\n"):
-        block = block.strip()
-        if not block or block == "Repository files:":
-            continue
-        block = block.removeprefix("Repository files:").strip()
-        head, _, text = block.partition("\n```")
-        _, _, text = text.partition("\n")
-        if head and text:
-            docs.append(ContextDoc(head.strip(), text))
-    return docs
-
-
-def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
+def _generate(ports: Ports, prompt: Prompt, model_name: str,
+              temperature: float | None = None) -> dict:
     settings = ports.settings
     backend = ports.backend()
     params = GenerationParams(
         max_tokens=settings.backend.max_new_tokens,
-        temperature=settings.backend.temperature,
+        temperature=settings.backend.temperature if temperature is None else temperature,
         stop=prompt.stop,
         prefix=prompt.prefix,
         model=model_name,
@@ -450,6 +432,7 @@ def _apply_and_validate(
     if not changed:
         return {"ok": False, "reason": "the model's edit changed nothing", "changed": [],
                 "problems": parsed.problems}
+    change = _change_diff(workdir, start_sha, changed)
     result = validate(
         workdir, changed, config.test_command, ports.settings.sandbox,
         secrets=ports.settings.secret_values(),
@@ -458,7 +441,239 @@ def _apply_and_validate(
     reason = "" if result.ok else result.failures_text()
     workspace.reset(workdir, start_sha)
     return {"ok": result.ok, "reason": reason, "changed": changed, "validation": out,
-            "problems": parsed.problems}
+            "problems": parsed.problems, "diff": change}
+
+
+# ---------------------------------------------------- prompts that fit, retries that differ
+
+
+def _context_window(ports: Ports, model_name: str) -> int:
+    """The model's context in tokens: as the backend reports it, else the setting."""
+    backend = ports.backend()
+    window = getattr(backend, "context_window", None)
+    if window is not None:
+        try:
+            return int(window(model_name))
+        except BackendError as exc:
+            if exc.retryable:
+                raise BackendUnavailable(str(exc)) from exc
+            raise JobFailed(f"the model backend failed: {exc}") from exc
+    return ports.settings.backend.context_tokens or 2048
+
+
+def _prompt_budget(settings: Settings, window: int) -> int:
+    """Prompt tokens: the window less the answer's room and a margin for rough counts."""
+    answer = settings.backend.max_new_tokens
+    budget = window - answer - 16 - window // 32
+    if budget < 256:
+        raise JobFailed(
+            f"the model's context is {window} tokens; after {answer} for the answer "
+            f"(backend.max_new_tokens) only {budget} are left for the prompt: lower "
+            "backend.max_new_tokens or serve the model with a longer context"
+        )
+    return budget
+
+
+def _read_docs(workdir: Path, paths: list[str], limit: int) -> list[ContextDoc]:
+    docs = []
+    for path in paths:
+        if len(docs) >= limit:
+            break
+        try:
+            data = (workdir / path).read_bytes()
+        except OSError:
+            continue
+        if b"\0" in data[:8192]:
+            continue
+        docs.append(ContextDoc(path, data.decode("utf-8", errors="replace")))
+    return docs
+
+
+def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str,
+                 feedback: str | None, fmt: str, model_name: str) -> dict:
+    """The first attempt's prompt, and the plan later attempts are built from.
+
+    The plan is data in the stage record: the packed context documents, the token budget,
+    and the ways the model may be asked for its change (`modes`, best first):
+    - definition: the answer is started with the head of the one function the requirement
+      names (or the file's only stub); its body is swapped in by name;
+    - whole-prefill: the answer is started with the whole target file (small models);
+      only when the whole file fits;
+    - whole: whole files, never one that had to be cut for the budget;
+    - search_replace: always possible.
+    """
+    settings = ports.settings
+    backend = ports.backend()
+    window = _context_window(ports, model_name)
+    budget = _prompt_budget(settings, window)
+    docs = _read_docs(workdir, paths, settings.pipeline.context_files)
+    plan: dict = {"window": window, "budget": budget, "format": fmt, "target": None,
+                  "definition": None, "modes": [], "docs": [d.__dict__ for d in docs]}
+    target = _prefill_target(docs) if _prefill(settings, fmt) else None
+    modes: list[str] = []
+    if target is not None:
+        plan["target"] = target.path
+        found = find_definition(target.text, requirement) if target.path.endswith(".py") else None
+        if found is not None:
+            plan["definition"] = {"path": target.path, **found.__dict__,
+                                  "head": found.head(target.text)}
+            modes.append("definition")
+        _, whole = _attempt_prompt(ports, plan, "whole-prefill", requirement, feedback, None)
+        if target.path not in whole["truncated"] + whole["dropped"]:
+            modes.append("whole-prefill")
+            plan["target_text"] = target.text
+    elif fmt == "whole":
+        _, whole = _attempt_prompt(ports, plan, "whole", requirement, feedback, None)
+        if not whole["truncated"]:  # a file cut off is never offered for a rewrite
+            modes.append("whole")
+    modes.append("search_replace")
+    plan["modes"] = modes
+    prompt, report = _attempt_prompt(ports, plan, modes[0], requirement, feedback, None)
+    plan["docs"] = report.pop("docs")
+    return {**prompt.to_json(), "plan": plan, "packing": report}
+
+
+_MODE_FORMAT = {"definition": "whole", "whole-prefill": "whole", "whole": "whole",
+                "search_replace": "search_replace"}
+
+
+def _attempt_prompt(ports: Ports, plan: dict, mode: str, requirement: str,
+                    feedback: str | None, previous: dict | None) -> tuple[Prompt, dict]:
+    """One attempt's prompt in `mode`, packed into the plan's budget (see fit_prompt)."""
+    backend = ports.backend()
+    plan = plan.get("plan", plan)
+    docs = [ContextDoc(**d) for d in plan["docs"]]
+    efmt = _MODE_FORMAT[mode]
+    kwargs: dict = {"requirement": requirement, "edit_format": efmt,
+                    "format_rules": describe_format(efmt), "feedback": feedback}
+    keep: tuple[str, ...] = ()
+    target = plan.get("target")
+    if mode == "whole-prefill" and target:
+        whole = next((d for d in docs if d.path == target and not d.truncated), None)
+        if whole is None:  # cut for another mode's prompt: put it back whole
+            whole = ContextDoc(target, plan["target_text"])
+            docs = [whole] + [d for d in docs if d.path != target]
+        kwargs["prefill_file"] = whole
+        keep = (target,)
+    elif mode == "definition":
+        d = plan["definition"]
+        head = d["head"]
+        stop = ("```", "\n\n\n")
+        if not d["indent"]:
+            stop += ("\ndef ", "\nclass ", "\n@", "\nif __name__")
+        kwargs.update(prefix=f"{d['path']}\n```python\n{head}", stop=stop,
+                      note=f"Write the new version of `{d['name']}` in {d['path']} only: it "
+                           "replaces the current definition; everything else stays as it is.")
+        keep = (d["path"],)
+    if previous is not None:
+        kwargs["previous_answer"] = previous.get("raw") or previous.get("answer") or ""
+        kwargs["errors"] = _actionable(previous.get("reason") or "it failed")
+    try:
+        fitted = fit_prompt(budget_tokens=plan["budget"], count_tokens=backend.count_tokens,
+                            context=docs, keep=keep, **kwargs)
+    except PromptTooLong as exc:
+        raise JobFailed(f"{exc}: the model's context is too small for this repository") from exc
+    report = fitted.report()
+    report["docs"] = [d.__dict__ for d in fitted.docs]
+    return fitted.prompt, report
+
+
+def _first_strategy(settings: Settings, plan: dict) -> dict:
+    return {"mode": plan["plan"]["modes"][0], "temperature": settings.backend.temperature,
+            "shown": "requirement and context", "why": "first attempt"}
+
+
+def _retry_strategy(settings: Settings, plan: dict, history: list[dict], attempt: int) -> dict:
+    """How retry `attempt` differs from the attempts before it: it shows the last failure
+    (with hints the model can act on), samples hotter each time and, once a way of asking
+    has failed twice or repeated itself, asks another way."""
+    modes = plan["plan"]["modes"]
+    last = history[-1]
+    mode = last["mode"]
+    temperature = round(min(1.0, max(settings.backend.temperature, 0.4 * (attempt - 1))), 2)
+    why = [f"shows attempt {last['attempt']}'s errors and answer",
+           f"temperature {temperature}"]
+    same = 0
+    for h in reversed(history):
+        if h["mode"] != mode:
+            break
+        same += 1
+    if last.get("duplicate_of") or same >= 2:
+        others = [m for m in modes if m != mode]
+        tried = {h["mode"] for h in history}
+        fresh = [m for m in others if m not in tried] or others
+        if fresh:
+            mode = fresh[0]
+            why.append(f"asks another way: {mode}")
+    return {"mode": mode, "temperature": temperature, "shown": "errors and previous answer",
+            "why": "; ".join(why)}
+
+
+def _actionable(reason: str) -> str:
+    """The failure, with a line on what to do for the failures small models make most."""
+    hints = []
+    if "F811" in reason or "edefinition of unused" in reason:
+        hints.append("Do not write a second definition with the same name: change the one "
+                     "that is there.")
+    if "(truncated)" in reason:
+        hints.append("Write only what you change; never copy the '... (truncated)' line.")
+    if "SEARCH text was not found" in reason:
+        hints.append("Copy the SEARCH lines exactly from the file shown above.")
+    if "SyntaxError" in reason or "invalid syntax" in reason:
+        hints.append("Check the indentation and that every bracket and string is closed.")
+    if "repeats attempt" in reason:
+        hints.append("That answer was the same as an earlier one: try a different approach.")
+    if "no parsable edit" in reason:
+        hints.append("Answer in the format the instructions give, with the file's path.")
+    return reason.strip() + ("\n\nWhat to do:\n" + "\n".join(f"- {h}" for h in hints)
+                             if hints else "")
+
+
+def _answer_in_format(plan: dict, mode: str, text: str, workdir: Path,
+                      start_sha: str) -> tuple[str, str]:
+    """The answer as an edit in a format the parser reads, and that format. A definition
+    written after its prefilled head becomes a search/replace of that one definition."""
+    if mode != "definition":
+        return text, _MODE_FORMAT[mode]
+    from inference.edits import Definition
+
+    d = plan["plan"]["definition"]
+    original = git.show_file(workdir, start_sha, d["path"]) or ""
+    fields = {k: d[k] for k in ("name", "start", "body", "end", "indent", "stub", "kind")}
+    written = text.split("\n", 2)[2] if text.count("\n") >= 2 else ""
+    return definition_answer(d["path"], original, Definition(**fields), written), "search_replace"
+
+
+def _answer_sha(answer: str) -> str:
+    norm = "\n".join(line.rstrip() for line in answer.strip().splitlines())
+    return hashlib.sha256(norm.encode()).hexdigest()[:16]
+
+
+def _validate_unless_repeated(ports: Ports, workdir: Path, start_sha: str, answer: str,
+                              fmt: str, config: RepoConfig, history: list[dict]) -> dict:
+    """Validation of an answer no earlier attempt gave; a repeat is recorded, not re-run."""
+    sha = _answer_sha(answer)
+    for h in history:
+        if h.get("sha") == sha:
+            return {"ok": False, "changed": [], "problems": [], "answer_sha": sha,
+                    "duplicate_of": h["attempt"],
+                    "reason": f"the answer repeats attempt {h['attempt']}'s, which was not "
+                              f"validated again; it failed with: {h['reason'][-1500:]}"}
+    return {**_apply_and_validate(ports, workdir, start_sha, answer, fmt, config),
+            "answer_sha": sha}
+
+
+def _change_diff(workdir: Path, start_sha: str, changed: list[str], limit: int = 8000) -> str:
+    """The applied change as a unified diff (kept in the stage record; shown on retries)."""
+    out = []
+    for path in changed:
+        old = (git.show_file(workdir, start_sha, path) or "").splitlines(keepends=True)
+        try:
+            new = (workdir / path).read_text(errors="replace").splitlines(keepends=True)
+        except OSError:
+            new = []
+        out.extend(difflib.unified_diff(old, new, f"a/{path}", f"b/{path}"))
+    return "".join(out)[:limit]
 
 
 def _pr_paths(store: Store, pr_id: int | None) -> list[str]:

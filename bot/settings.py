@@ -76,8 +76,12 @@ class BackendSettings(BaseModel):
     max_retries: int = Field(default=4, ge=0, description="Retries on 429/5xx and connection errors.")
     max_new_tokens: int = Field(default=384, ge=1, description="Most tokens one generation may produce.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature (0 = greedy).")
-    context_tokens: int = Field(
-        default=2048, ge=256, description="Model context window in tokens (prompt + answer)."
+    context_tokens: int | None = Field(
+        default=None,
+        ge=256,
+        description="Model context window in tokens (prompt + answer). Default: what the model "
+        "says (the embedded model's config; max_model_len from the server's /v1/models); a "
+        "number caps it.",
     )
     supports_prefill: bool = Field(
         default=True,

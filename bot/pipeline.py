@@ -518,10 +518,16 @@ def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str
             plan["definition"] = {"path": target.path, **found.__dict__,
                                   "head": found.head(target.text)}
             modes.append("definition")
-        _, whole = _attempt_prompt(ports, plan, "whole-prefill", requirement, feedback, None)
-        if target.path not in whole["truncated"] + whole["dropped"]:
-            modes.append("whole-prefill")
-            plan["target_text"] = target.text
+        # The file goes in twice (shown, then as the answer's start): offered only whole.
+        if backend.count_tokens(target.text) * 2 < budget:
+            try:
+                _, whole = _attempt_prompt(ports, plan, "whole-prefill", requirement, feedback,
+                                           None)
+            except JobFailed:
+                whole = {"truncated": [target.path], "dropped": []}
+            if target.path not in whole["truncated"] + whole["dropped"]:
+                modes.append("whole-prefill")
+                plan["target_text"] = target.text
     elif fmt == "whole":
         _, whole = _attempt_prompt(ports, plan, "whole", requirement, feedback, None)
         if not whole["truncated"]:  # a file cut off is never offered for a rewrite
@@ -546,8 +552,9 @@ def _attempt_prompt(ports: Ports, plan: dict, mode: str, requirement: str,
     efmt = _MODE_FORMAT[mode]
     kwargs: dict = {"requirement": requirement, "edit_format": efmt,
                     "format_rules": describe_format(efmt), "feedback": feedback}
-    keep: tuple[str, ...] = ()
     target = plan.get("target")
+    # The file most likely changed is cut before it is dropped.
+    keep: tuple[str, ...] = (target,) if target else tuple(d.path for d in docs[:1])
     if mode == "whole-prefill" and target:
         whole = next((d for d in docs if d.path == target and not d.truncated), None)
         if whole is None:  # cut for another mode's prompt: put it back whole

@@ -528,6 +528,12 @@ def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str
             if target.path not in whole["truncated"] + whole["dropped"]:
                 modes.append("whole-prefill")
                 plan["target_text"] = target.text
+        if "whole-prefill" not in modes and target.path.endswith(".py"):
+            # Too big to rewrite: the answer continues the file's last lines, and what the
+            # model writes is appended (new code; a clash with a name there fails ruff).
+            tail = "".join(target.text.splitlines(keepends=True)[-30:]).rstrip("\n")
+            plan["append_prefix"] = f"{target.path}\n```python\n{tail}\n\n\n"
+            modes.append("append")
     elif fmt == "whole":
         _, whole = _attempt_prompt(ports, plan, "whole", requirement, feedback, None)
         if not whole["truncated"]:  # a file cut off is never offered for a rewrite
@@ -540,7 +546,7 @@ def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str
 
 
 _MODE_FORMAT = {"definition": "whole", "whole-prefill": "whole", "whole": "whole",
-                "search_replace": "search_replace"}
+                "append": "whole", "search_replace": "search_replace"}
 
 
 def _attempt_prompt(ports: Ports, plan: dict, mode: str, requirement: str,
@@ -561,6 +567,10 @@ def _attempt_prompt(ports: Ports, plan: dict, mode: str, requirement: str,
             whole = ContextDoc(target, plan["target_text"])
             docs = [whole] + [d for d in docs if d.path != target]
         kwargs["prefill_file"] = whole
+        keep = (target,)
+    elif mode == "append":
+        kwargs.update(prefix=plan["append_prefix"], stop=("```", "\n\n\n"),
+                      note=f"Write only the new code; it is added at the end of {target}.")
         keep = (target,)
     elif mode == "definition":
         d = plan["definition"]
@@ -640,6 +650,15 @@ def _answer_in_format(plan: dict, mode: str, text: str, workdir: Path,
                       start_sha: str) -> tuple[str, str]:
     """The answer as an edit in a format the parser reads, and that format. A definition
     written after its prefilled head becomes a search/replace of that one definition."""
+    if mode == "append":
+        prefix = plan["plan"]["append_prefix"]
+        added = text[len(prefix):] if text.startswith(prefix) else text
+        added = added.split("```", 1)[0].strip("\n")
+        path = plan["plan"]["target"]
+        if not added.strip():
+            return "", "search_replace"
+        return (f"{path}\n<<<<<<< SEARCH\n=======\n\n\n{added}\n>>>>>>> REPLACE\n",
+                "search_replace")
     if mode != "definition":
         return text, _MODE_FORMAT[mode]
     from inference.edits import Definition

@@ -176,7 +176,7 @@ def test_a_repeated_answer_is_not_validated_again_and_retries_change(sqlite_sett
 def test_a_file_too_big_for_the_prompt_is_never_offered_whole(sqlite_settings, tmp_path):
     body = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(2500))
     repo = make_repo(tmp_path / "repo", {"big.py": body})
-    backend = ScriptedBackend("big.py\n```python\nx = 1\n... (truncated)\n```\n")
+    backend = ScriptedBackend("x = 1\n... (truncated)\n")  # the marker, carried on
     runtime = build_runtime(sqlite_settings, backend=backend)
     sub = jobs.submit(runtime.store, source="cli", repo=str(repo),
                       requirement="Add a function g(x) to big.py", max_bytes=100_000)
@@ -184,11 +184,15 @@ def test_a_file_too_big_for_the_prompt_is_never_offered_whole(sqlite_settings, t
     assert outcome.state == "failed"
     done = stages(runtime)
     plan = done["prompt"]["plan"]
-    assert "whole-prefill" not in plan["modes"] and plan["modes"][0] == "search_replace"
-    assert done["prompt"]["prefix"] == ""
+    assert "whole-prefill" not in plan["modes"]
+    assert plan["modes"] == ["append", "search_replace"]  # new code goes after the file's end
+    assert done["prompt"]["prefix"].endswith("return x + 2499\n\n\n")
     assert done["prompt"]["packing"]["truncated"] == ["big.py"]
     for n in (1, 2, 3):
         assert done[f"prompt-{n}" if n > 1 else "prompt"]["packing"]["tokens"] <= plan["budget"]
+        assert "... (truncated)" not in done[f"validate-{n}"].get("diff", "")
+    assert "truncation" in done["validate-1"]["reason"] or "truncated" in done["validate-1"]["reason"]
+    assert "validation" not in done["validate-1"]  # refused before any check ran
     assert git_out(repo, "status", "--porcelain") == ""
 
 

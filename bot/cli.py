@@ -207,6 +207,9 @@ def cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from bot.runtime import build_queue, build_runtime, recover
 
+    problem = sandbox_problem(settings)
+    if problem:
+        return _fail(problem, code=1)
     runtime = build_runtime(settings)
     huey = build_queue(settings, lambda: runtime)
     _report_model_server(settings)
@@ -230,6 +233,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     parts = {"serve": (True, True, True), "web": (True, False, False),
              "scheduler": (False, False, True)}[args.command]
     web, worker, scheduler = parts
+    problem = sandbox_problem(settings) if worker else None
+    if problem:
+        return _fail(problem, code=1)
     socket_mode = getattr(args, "socket_mode", False)
     if socket_mode:
         for name, value in (("APP_TOKEN", settings.slack.app_token),
@@ -259,6 +265,21 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(exc), code=1)
     _print(f"database migrated: {store.engine.url.render_as_string(hide_password=True)}")
     return 0
+
+
+def sandbox_problem(settings: Settings) -> str | None:
+    """Why this worker must not take jobs (no working sandbox), or None; warns when unsafe."""
+    from bot.sandbox import probe
+
+    if settings.sandbox.isolation == "none":
+        print("worker: WARNING: CODELOOP_SANDBOX__ISOLATION=none — repository tests run "
+              "unconfined on this host", file=sys.stderr, flush=True)
+        return None
+    found = probe(settings.sandbox)
+    if found.ok:
+        return None
+    return (f"this worker takes no jobs: the test sandbox does not work here ({found.detail}). "
+            "`codeloop doctor --only sandbox` shows the details")
 
 
 def _report_model_server(settings: Settings) -> None:

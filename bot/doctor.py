@@ -302,17 +302,27 @@ def check_github_webhook_secret(settings: Settings) -> Check:
 
 
 def check_sandbox(settings: Settings) -> Check:
-    from bot.validate import sandbox_capabilities
+    """Prove the sandbox: a self-test inside it tries every escape, and each must fail."""
+    from bot.sandbox import self_test
 
-    caps = sandbox_capabilities()
+    if settings.sandbox.isolation == "none":
+        return Check("sandbox", "fail", "CODELOOP_SANDBOX__ISOLATION=none: repository code (tests "
+                     "a model wrote) runs unconfined on this host with the bot's access — set it "
+                     "to bwrap and install bubblewrap")
+    result = self_test(settings.sandbox, settings.home / "selftest")
+    if result.error and not result.attempts:
+        return Check("sandbox", "fail", f"{result.error}; workers refuse jobs until it works")
+    lines = [f"{'blocked' if blocked else 'ESCAPED'}: {name} ({detail})"
+             for name, blocked, detail in result.attempts]
+    if result.error:
+        lines.append(result.error)
+    summary = (f"self-test: {sum(b for _, b, _ in result.attempts)}/{len(result.attempts)} "
+               "escape attempts blocked")
     if settings.sandbox.network == "allow":
-        return Check("sandbox", "ok", "tests run with the host network (CODELOOP_SANDBOX__NETWORK"
-                     "=allow)")
-    if caps["network_isolation"] is None:
-        return Check("sandbox", "warn", "no network isolation works here, so repository tests "
-                     "would run with the host network — install bubblewrap (apt-get install "
-                     "bubblewrap) or allow unprivileged user namespaces")
-    return Check("sandbox", "ok", f"tests run without network ({caps['network_isolation']})")
+        lines.append("CODELOOP_SANDBOX__NETWORK=allow: tests share the host's network (unsafe)")
+    body = summary + "".join(f"\n        {line}" for line in lines)
+    return Check("sandbox", "ok" if result.ok and settings.sandbox.network != "allow" else
+                 ("warn" if result.ok else "fail"), body)
 
 
 # ---------------------------------------------------------------- all of it

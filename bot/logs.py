@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+from bot.scrub import Scrubber
+
 request_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_id", default=None)
 job_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("job_id", default=None)
 delivery_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -23,7 +25,6 @@ delivery_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _IDS = (("request_id", request_id), ("job_id", job_id), ("delivery_id", delivery_id))
-MASK = "***"
 
 
 @contextmanager
@@ -59,17 +60,11 @@ class SecretFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]):
         super().__init__()
-        # Longest first, so a secret that contains another is masked whole.
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
-
-    def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        # Masks the values in their common encodings too (base64, URL, hex, escapes, PEM lines).
+        self.scrub = Scrubber(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
+        if not self.scrub:
             return True
         try:
             message = record.getMessage()

@@ -39,7 +39,8 @@ from bot.store.models import (
     Revision,
     utcnow,
 )
-from bot.validate import validate
+from bot.sandbox import probe
+from bot.validate import SandboxError, validate
 from inference import context as ctx
 from inference.edits import (
     EditRejected,
@@ -243,6 +244,7 @@ def run_job(job_id: int, ports: Ports) -> dict:
         info = _repo_info_for_revision(ports, req["repo"])
 
     def stage_workspace() -> dict:
+        config_text = _trusted_config_text(ports.forge, info)
         if kind == "revise":
             with store.session() as s:
                 pr = s.get(PullRequest, pr_id)
@@ -252,21 +254,22 @@ def run_job(job_id: int, ports: Ports) -> dict:
             if ports.forge.branch_head(info, branch) is None:
                 raise JobFailed(f"branch {branch} was deleted; the revision was dropped")
             _, sha = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, branch)
-            return {"base_branch": base_branch, "start_sha": sha, "branch": branch}
-        config_text = ports.forge.read_file(info, info.default_branch, ".codeloop.yml")
-        try:
-            base_branch = parse_repo_config(config_text).base_branch or info.default_branch
-        except RepoConfigError as exc:
-            raise JobFailed(str(exc)) from exc
+            return {"base_branch": base_branch, "start_sha": sha, "branch": branch,
+                    "config": config_text}
+        base_branch = _load_config(config_text).base_branch or info.default_branch
         _, sha = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, base_branch)
-        return {"base_branch": base_branch, "start_sha": sha}
+        return {"base_branch": base_branch, "start_sha": sha, "config": config_text}
 
     ws = stages.run("workspace", stage_workspace, f"reading {Path(req['repo']).name}")
     workdir, _ = workspace.prepare(settings.workspaces_dir, job_id, info.clone_url, ws["start_sha"])
-    try:
-        config = parse_repo_config(git.show_file(workdir, ws["start_sha"], ".codeloop.yml"))
-    except RepoConfigError as exc:
-        raise JobFailed(str(exc)) from exc
+    # The configuration the job started with, from the default branch: never the PR branch's,
+    # which a generated change could have edited (docs/architecture.md, "Trust boundaries").
+    config = _load_config(ws["config"] if "config" in ws else _trusted_config_text(ports.forge, info))
+    if config.test_command and settings.sandbox.isolation != "none":
+        found = probe(settings.sandbox)
+        if not found.ok:
+            raise JobFailed(f"this worker cannot run the repository's tests safely, so nothing "
+                            f"was generated: {found.detail}")
     model_name = config.model or _serving_model(settings, store, job_id)
     # The format follows the model family: an adapter answers like its base model.
     fmt = config.edit_format or default_format_for(config.model or settings.backend.model)
@@ -355,6 +358,18 @@ def run_job(job_id: int, ports: Ports) -> dict:
     return published
 
 
+def _trusted_config_text(forge: Forge, info: RepoInfo) -> str | None:
+    """`.codeloop.yml` as the default branch has it: the one place configuration comes from."""
+    return forge.read_file(info, info.default_branch, ".codeloop.yml")
+
+
+def _load_config(text: str | None) -> RepoConfig:
+    try:
+        return parse_repo_config(text)
+    except RepoConfigError as exc:
+        raise JobFailed(str(exc)) from exc
+
+
 def _serving_model(settings: Settings, store: Store, job_id: int) -> str:
     """The promoted model version (or, for canary jobs, the one before it), else the default."""
     from training.registry import serving_model
@@ -433,15 +448,19 @@ def _apply_and_validate(
         return {"ok": False, "reason": "the model's edit changed nothing", "changed": [],
                 "problems": parsed.problems}
     change = _change_diff(workdir, start_sha, changed)
-    result = validate(
-        workdir, changed, config.test_command, ports.settings.sandbox,
-        secrets=ports.settings.secret_values(),
-    )
+    blobs = git.blob_ids(workdir, changed)  # what was validated is what may be pushed
+    try:
+        result = validate(
+            workdir, changed, config.test_command, ports.settings.sandbox,
+            secrets=ports.settings.secret_values(),
+        )
+    except SandboxError as exc:
+        raise JobFailed(str(exc)) from exc
     out = _validation_json(result)
     reason = "" if result.ok else result.failures_text()
     workspace.reset(workdir, start_sha)
     return {"ok": result.ok, "reason": reason, "changed": changed, "validation": out,
-            "problems": parsed.problems, "diff": change}
+            "problems": parsed.problems, "blobs": blobs, "diff": change}
 
 
 # ---------------------------------------------------- prompts that fit, retries that differ
@@ -748,6 +767,11 @@ def _publish(
     dates = {"GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
     git.git(workdir, "commit", "--quiet", "--no-verify", "-F", "-", input=message, env=dates)
     head = git.rev(workdir, "HEAD")
+    expected = good.get("blobs") or git.blob_ids(workdir, changed)
+    try:
+        git.verify_commit(workdir, ws["start_sha"], head, expected)
+    except git.GitError as exc:
+        raise JobFailed(str(exc)) from exc
     diff_text = git.diff(workdir, ws["start_sha"], head)
     stat = git.diff_stat(workdir, ws["start_sha"], head)
 
@@ -757,7 +781,7 @@ def _publish(
             branch = pr.branch if pr else _new_branch(s, forge.name, info.repo, req)
     else:
         branch = ws["branch"]
-    forge.push_branch(info, workdir, branch)
+    forge.push_branch(info, workdir, branch, head)
     failpoint(ports.settings.failpoint, "publish:pushed")
 
     with store.session() as s:

@@ -153,7 +153,8 @@ def build_runtime(
         store=store,
         forge=forge or LocalForge(),
         backend=lazy,
-        notifier=notifier or RoutingNotifier(store, by_source, default=LogNotifier()),
+        notifier=notifier or RoutingNotifier(store, by_source, default=LogNotifier(),
+                                              secrets=settings.secret_values()),
     )
     runtime = Runtime(
         settings=settings, store=store, ports=ports, backend=lazy, delivery_handlers=handlers

@@ -123,12 +123,27 @@ class PipelineSettings(BaseModel):
 
 
 class SandboxSettings(BaseModel):
+    isolation: Literal["bwrap", "none"] = Field(
+        default="bwrap",
+        description="bwrap: repository code (tests, set-up steps) runs in a bubblewrap sandbox; "
+        "if it does not work, nothing runs and the job fails with the fix. none: UNSAFE, runs "
+        "repository code (which a model wrote) directly on this host with the bot's access.",
+    )
     timeout_seconds: float = Field(default=300.0, gt=0, description="Test command time limit.")
-    memory_mb: int = Field(default=2048, ge=64, description="Address-space limit for the tests.")
+    memory_mb: int = Field(default=2048, ge=64, description="Address-space limit per process.")
     network: Literal["isolate", "allow"] = Field(
         default="isolate",
-        description="isolate: run tests in a new network namespace (bubblewrap or unshare); "
-        "if neither works a warning is logged and tests run with the host network.",
+        description="isolate: tests run in an empty network namespace (loopback only). allow: "
+        "tests share the host's network, local services included (unsafe).",
+    )
+    uid: int = Field(
+        default=65534, ge=1,
+        description="Unprivileged user id repository code runs as when codeloop runs as root.",
+    )
+    read_only_paths: list[Path] = Field(
+        default_factory=list,
+        description="Extra host directories made visible (read-only) in the sandbox, e.g. a "
+        "toolchain outside /usr. Never put secrets or CODELOOP_HOME here.",
     )
     ruff: bool = Field(default=True, description="Run `ruff check` on changed Python files.")
 
@@ -383,7 +398,21 @@ class Settings(BaseSettings):
         return out
 
 
-DEFAULT_PROTECTED = [".github/workflows/**", ".env*", "**/.env*", "*.pem", "**/*.pem", "*.key", "**/*.key"]
+# codeloop's own configuration: read from the default branch only, never edited by a change.
+ALWAYS_PROTECTED = (".codeloop.yml",)
+
+# CI, ownership and submodule files of the common forges and CI services, and secrets.
+# Patterns are fnmatch globs, where `*` also matches `/`.
+DEFAULT_PROTECTED = [
+    ".codeloop.yml",
+    ".github/workflows/**", ".github/actions/**", ".github/dependabot.yml",
+    ".github/dependabot.yaml", ".github/CODEOWNERS", "CODEOWNERS", "**/CODEOWNERS",
+    ".gitlab-ci.yml", "**/.gitlab-ci.yml", ".gitlab/**",
+    ".circleci/**", "Jenkinsfile", "**/Jenkinsfile", ".travis.yml",
+    "azure-pipelines.yml", "azure-pipelines.yaml", ".azure-pipelines/**", ".pipelines/**",
+    ".buildkite/**", ".gitmodules", ".gitattributes", ".pre-commit-config.yaml",
+    ".env*", "**/.env*", "*.pem", "**/*.pem", "*.key", "**/*.key",
+]
 
 
 class RepoConfig(BaseModel):
@@ -418,6 +447,11 @@ class RepoConfig(BaseModel):
             if glob.startswith("/"):
                 raise ValueError(f"path globs are relative to the repository root: {glob!r}")
         return value
+
+    @field_validator("protected_paths")
+    @classmethod
+    def _own_config_stays_protected(cls, value: list[str]) -> list[str]:
+        return value + [g for g in ALWAYS_PROTECTED if g not in value]
 
     def is_protected(self, path: str) -> bool:
         return any(fnmatch.fnmatch(path, g) for g in self.protected_paths)

@@ -32,6 +32,8 @@ class ScriptedBackend:
     ) -> Generation:
         self.calls.append(list(messages))
         answer = self.answers[min(len(self.calls) - 1, len(self.answers) - 1)]
+        if on_text is not None:  # streamed, as a server would (tests/openai_server.py)
+            on_text(answer[len(params.prefix):])
         return Generation(
             text=answer, model=self.model_name, prompt_tokens=10,
             completion_tokens=self.count_tokens(answer), seconds=0.0, finish_reason="length",

@@ -32,8 +32,8 @@ class Forge(Protocol):
 
     def read_file(self, repo: RepoInfo, ref: str, path: str) -> str | None: ...
 
-    def push_branch(self, repo: RepoInfo, workdir: Path, branch: str) -> None:
-        """Push the workspace's HEAD to `branch` (create or fast-forward)."""
+    def push_branch(self, repo: RepoInfo, workdir: Path, branch: str, commit: str = "HEAD") -> None:
+        """Push `commit` of the workspace to `branch` (create or fast-forward)."""
 
     def branch_head(self, repo: RepoInfo, branch: str) -> str | None: ...
 

@@ -114,7 +114,7 @@ class GitHubForge:
                 return None
             raise ForgeError(f"branch {branch} of {repo.repo}: {describe(exc)}") from exc
 
-    def push_branch(self, repo: RepoInfo, workdir: Path, branch: str) -> None:
+    def push_branch(self, repo: RepoInfo, workdir: Path, branch: str, commit: str = "HEAD") -> None:
         url = self._urls.get(repo.repo) or self._repo(repo.repo).clone_url
         try:
             git.git(
@@ -122,7 +122,7 @@ class GitHubForge:
                 "push",
                 "--quiet",
                 url,
-                f"HEAD:refs/heads/{branch}",
+                f"{commit}:refs/heads/{branch}",
                 env=self.clients.git_env(repo.repo),
             )
         except git.GitError as exc:

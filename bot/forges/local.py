@@ -40,9 +40,9 @@ class LocalForge:
     def branch_head(self, repo: RepoInfo, branch: str) -> str | None:
         return git.rev(Path(repo.repo), f"refs/heads/{branch}")
 
-    def push_branch(self, repo: RepoInfo, workdir: Path, branch: str) -> None:
+    def push_branch(self, repo: RepoInfo, workdir: Path, branch: str, commit: str = "HEAD") -> None:
         # One ref update: the branch appears whole or not at all.
-        git.git(workdir, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+        git.git(workdir, "push", "--quiet", "origin", f"{commit}:refs/heads/{branch}")
 
     def open_pull_request(
         self, repo: RepoInfo, *, branch: str, base: str, title: str, body: str, pr_id: int

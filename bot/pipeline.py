@@ -270,6 +270,7 @@ def run_job(job_id: int, ports: Ports) -> dict:
         if not found.ok:
             raise JobFailed(f"this worker cannot run the repository's tests safely, so nothing "
                             f"was generated: {found.detail}")
+    env_dir = _setup_environment(stages, ports, config, workdir, ws["start_sha"])
     model_name = config.model or _serving_model(settings, store, job_id)
     # The format follows the model family: an adapter answers like its base model.
     fmt = config.edit_format or default_format_for(config.model or settings.backend.model)
@@ -328,7 +329,7 @@ def run_job(job_id: int, ports: Ports) -> dict:
         check = stages.run(
             f"validate-{attempt}",
             lambda: _validate_unless_repeated(ports, workdir, ws["start_sha"], answer, afmt,
-                                              config, history),
+                                              config, history, env_dir),
             f"validating (attempt {attempt}/{attempts})",
             on_done=_record_format(gen["model"], afmt, parsed.well_formed),
         )
@@ -428,7 +429,8 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str,
 
 
 def _apply_and_validate(
-    ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig
+    ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig,
+    env_dir: Path | None = None,
 ) -> dict:
     workspace.reset(workdir, start_sha)
     parsed = parse_edits(answer, fmt)
@@ -452,7 +454,7 @@ def _apply_and_validate(
     try:
         result = validate(
             workdir, changed, config.test_command, ports.settings.sandbox,
-            secrets=ports.settings.secret_values(),
+            secrets=ports.settings.secret_values(), env_dir=env_dir,
         )
     except SandboxError as exc:
         raise JobFailed(str(exc)) from exc
@@ -461,6 +463,36 @@ def _apply_and_validate(
     workspace.reset(workdir, start_sha)
     return {"ok": result.ok, "reason": reason, "changed": changed, "validation": out,
             "problems": parsed.problems, "blobs": blobs, "diff": change}
+
+
+# ---------------------------------------------------- the repository's own environment
+
+
+def _setup_environment(stages: Stages, ports: Ports, config: RepoConfig, workdir: Path,
+                       sha: str) -> Path | None:
+    """Build (or reuse) the environment of `.codeloop.yml` `setup:`, before any generation."""
+    if not config.setup:
+        return None
+    from bot.environments import SetupFailed, ensure
+    from bot.sandbox import SandboxUnavailable
+
+    def stage_setup() -> dict:
+        try:
+            env = ensure(ports.settings, config, workdir, sha, ports.settings.secret_values())
+        except SetupFailed as exc:
+            raise JobFailed(str(exc)) from exc
+        except SandboxUnavailable as exc:
+            raise JobFailed(f"the repository's set-up was not run: {exc}") from exc
+        return env.to_json()
+
+    done = stages.run("setup", stage_setup, "setting up the repository's environment")
+    path = Path(done["path"])
+    if not path.is_dir():  # evicted since the checkpoint: build it again
+        from bot.environments import ensure
+
+        env = ensure(ports.settings, config, workdir, sha, ports.settings.secret_values())
+        path = env.path
+    return path
 
 
 # ---------------------------------------------------- prompts that fit, retries that differ
@@ -695,7 +727,8 @@ def _answer_sha(answer: str) -> str:
 
 
 def _validate_unless_repeated(ports: Ports, workdir: Path, start_sha: str, answer: str,
-                              fmt: str, config: RepoConfig, history: list[dict]) -> dict:
+                              fmt: str, config: RepoConfig, history: list[dict],
+                              env_dir: Path | None = None) -> dict:
     """Validation of an answer no earlier attempt gave; a repeat is recorded, not re-run."""
     sha = _answer_sha(answer)
     for h in history:
@@ -704,7 +737,7 @@ def _validate_unless_repeated(ports: Ports, workdir: Path, start_sha: str, answe
                     "duplicate_of": h["attempt"],
                     "reason": f"the answer repeats attempt {h['attempt']}'s, which was not "
                               f"validated again; it failed with: {h['reason'][-1500:]}"}
-    return {**_apply_and_validate(ports, workdir, start_sha, answer, fmt, config),
+    return {**_apply_and_validate(ports, workdir, start_sha, answer, fmt, config, env_dir),
             "answer_sha": sha}
 
 

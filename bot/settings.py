@@ -146,6 +146,14 @@ class SandboxSettings(BaseModel):
         "toolchain outside /usr. Never put secrets or CODELOOP_HOME here.",
     )
     ruff: bool = Field(default=True, description="Run `ruff check` on changed Python files.")
+    setup_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="Time limit of each `.codeloop.yml` set-up step."
+    )
+    env_cache_mb: int = Field(
+        default=4096, ge=0,
+        description="Size of the repository environments kept under CODELOOP_HOME/envs; the "
+        "least recently used go first.",
+    )
 
 
 class WebSettings(BaseModel):
@@ -439,6 +447,12 @@ class RepoConfig(BaseModel):
     model: str | None = Field(default=None, description="Model or adapter name for this repository.")
     max_file_bytes: int = Field(default=200_000, ge=1, description="Largest file an edit may write.")
     labels: list[str] = Field(default_factory=list, description="Labels put on pull requests.")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell steps that install the repository's own dependencies, e.g. "
+        "`pip install -e .[test]`. They run once per change of the dependency files, in the "
+        "sandbox with the network, into an environment the tests then use without it.",
+    )
 
     @field_validator("allowed_paths", "protected_paths")
     @classmethod

@@ -220,4 +220,29 @@ def describe(settings: Settings, config: RepoConfig, workdir: Path | None = None
            "(the next job builds it)"
 
 
+def cache_state(settings: Settings) -> dict:
+    """What `codeloop doctor` says about the environments: how many, how big, each one's
+    steps and when it was last used."""
+    import importlib.util
+
+    root = envs_dir(settings)
+    lines, total, count = [], 0, 0
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            ready = d / READY
+            if not (d.is_dir() and ready.exists()):
+                continue
+            count += 1
+            size = _size(d)
+            total += size
+            try:
+                steps = "; ".join(json.loads(ready.read_text()).get("steps", []))
+            except (OSError, ValueError):
+                steps = "?"
+            used = time.strftime("%Y-%m-%d %H:%M", time.gmtime(ready.stat().st_mtime))
+            lines.append(f"{d.name}: {size // 2**20} MB, last used {used} UTC, set-up: {steps}")
+    return {"dir": str(root), "count": count, "mb": total // 2**20, "lines": lines,
+            "venv": importlib.util.find_spec("venv") is not None}
+
+
 __all__ = ["Environment", "SetupFailed", "SandboxUnavailable", "describe", "ensure", "evict"]

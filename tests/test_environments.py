@@ -146,3 +146,14 @@ def test_codeloop_run_builds_the_environment_once_and_reuses_it(sqlite_settings,
                     assert "No module named 'slugkit'" not in check["output"]
                     assert "reached the network" not in check["output"]
         print("setup cold %.2f s, warm %.2f s" % (setups[0].seconds, setups[1].seconds))
+
+
+def test_doctor_reports_the_environments(sqlite_settings, tmp_path):
+    from bot.doctor import run_checks
+
+    repo = repo_with_dependency(tmp_path / "repo")
+    config = parse_repo_config((repo / ".codeloop.yml").read_text())
+    env = ensure(sqlite_settings, config, repo, git_out(repo, "rev-parse", "HEAD").strip())
+    [check] = run_checks(sqlite_settings, only=("environments",))
+    assert check.status == "ok", check.message
+    assert "1 built" in check.message and env.key in check.message and SETUP in check.message

@@ -566,11 +566,17 @@ def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str
         plan["target"] = target.path
         found = find_definition(target.text, requirement) if target.path.endswith(".py") else None
         if found is not None:
+            # The answer starts inside the body, indented: the model writes code, not a fence.
+            lines = target.text.splitlines()
+            body = lines[found.body - 1] if found.body <= found.end else ""
+            indent = body[: len(body) - len(body.lstrip())] if body.strip() else (
+                found.indent + "    ")
             plan["definition"] = {"path": target.path, **found.__dict__,
-                                  "head": found.head(target.text)}
+                                  "head": found.head(target.text) + indent}
             modes.append("definition")
-        # The file goes in twice (shown, then as the answer's start): offered only whole.
-        if backend.count_tokens(target.text) * 2 < budget:
+        # The file goes in twice (shown, then as the answer's start): offered only whole, and
+        # never when one definition is to change (a continued file can only add a second).
+        if found is None and backend.count_tokens(target.text) * 2 < budget:
             try:
                 _, whole = _attempt_prompt(ports, plan, "whole-prefill", requirement, feedback,
                                            None)
@@ -579,7 +585,7 @@ def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str
             if target.path not in whole["truncated"] + whole["dropped"]:
                 modes.append("whole-prefill")
                 plan["target_text"] = target.text
-        if "whole-prefill" not in modes and target.path.endswith(".py"):
+        if found is None and "whole-prefill" not in modes and target.path.endswith(".py"):
             # Too big to rewrite: the answer continues the file's last lines, and what the
             # model writes is appended (new code; a clash with a name there fails ruff).
             tail = "".join(target.text.splitlines(keepends=True)[-30:]).rstrip("\n")

@@ -946,6 +946,8 @@ def definition_answer(path: str, text: str, definition: Definition, written: str
         kept.append(line)
     while kept and not kept[-1].strip():
         kept.pop()
+    if len(kept) <= head_n:
+        return ""  # nothing written after the head: no edit, not an emptied definition
     return (
         f"{path}\n<<<<<<< SEARCH\n{definition.source(text)}=======\n{_join(kept)}"
         ">>>>>>> REPLACE\n"

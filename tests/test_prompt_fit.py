@@ -141,7 +141,7 @@ def test_a_stub_is_replaced_by_name_not_duplicated(sqlite_settings, tmp_path):
     assert outcome.state == "succeeded", outcome.error
     done = stages(runtime)
     assert done["prompt"]["plan"]["modes"][0] == "definition"
-    assert done["prompt"]["prefix"].endswith('    """\n')  # up to the body
+    assert done["prompt"]["prefix"].endswith('    """\n    ')  # inside the body, indented
     new = git_out(repo, "show", f"{outcome.result['branch']}:nums.py")
     assert new.count("def square") == 1 and "return x * x" in new
     assert "def double" in new and "NotImplementedError" not in new
@@ -153,7 +153,7 @@ def test_a_repeated_answer_is_not_validated_again_and_retries_change(sqlite_sett
     backend = ScriptedBackend(wrong)  # the same text every time
     runtime = build_runtime(sqlite_settings, backend=backend)
     sub = jobs.submit(runtime.store, source="cli", repo=str(repo),
-                      requirement="Add a square(x) helper to nums.py", max_bytes=100_000)
+                      requirement="Add a cube(x) helper to nums.py", max_bytes=100_000)
     outcome = execute(runtime, sub.job_id)
     assert outcome.state == "failed"
     done = stages(runtime)

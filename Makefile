@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,23 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# Repository code (tests, set-up steps) only ever runs in a bubblewrap sandbox; without it
+# codeloop refuses to run it. Installed here when we are root on Debian/Ubuntu.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the sandbox that runs repository code)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else \
+	    echo "codeloop runs repository tests in a bubblewrap sandbox: install it first" \
+	         "(sudo apt-get install bubblewrap, or dnf install bubblewrap)" >&2; exit 1; \
+	  fi; }
+
+demo: $(STAMP) sandbox
 	$(BIN)/codeloop demo
 
-test: $(STAMP)
+test: $(STAMP) sandbox
 	# Two workers: many tests wait on servers and subprocesses; the tests that share one
 	# vLLM server run on one worker (xdist_group "vllm").
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup --durations=25 $(PYTEST_ARGS)

@@ -309,7 +309,7 @@ def check_sandbox(settings: Settings) -> Check:
         return Check("sandbox", "fail", "CODELOOP_SANDBOX__ISOLATION=none: repository code (tests "
                      "a model wrote) runs unconfined on this host with the bot's access — set it "
                      "to bwrap and install bubblewrap")
-    result = self_test(settings.sandbox, settings.home / "selftest")
+    result = self_test(settings.sandbox)
     if result.error and not result.attempts:
         return Check("sandbox", "fail", f"{result.error}; workers refuse jobs until it works")
     lines = [f"{'blocked' if blocked else 'ESCAPED'}: {name} ({detail})"

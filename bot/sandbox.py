@@ -105,7 +105,7 @@ class SandboxResult:
 _TRAMPOLINE = r"""
 import ctypes, os, resource, sys
 a = sys.argv
-uid, gid, mem, nproc, fsize, nofile = (int(x) for x in a[1:7])
+uid, gid, mem, nproc, fsize, nofile, drop = (int(x) for x in a[1:8])
 def limit(res, value):
     soft, hard = resource.getrlimit(res)
     if hard != resource.RLIM_INFINITY:
@@ -115,7 +115,7 @@ for res, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CORE, 0),
                    (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, fsize),
                    (resource.RLIMIT_NOFILE, nofile)):
     limit(res, value)
-if os.getuid() == 0:
+if drop:
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, CLONE_NEWUSER = 38, 24, 0x10000000
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -140,7 +140,7 @@ if os.getuid() == 0:
     cap = 0  # the new namespace gave a full bounding set again: empty it
     while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
         cap += 1
-os.execvp(a[7], a[7:])
+os.execvp(a[8], a[8:])
 """
 
 
@@ -346,8 +346,9 @@ def _run(
         if env_dir is not None and env_writable:
             _chown_tree(env_dir, uid)
         os.chmod(root, 0o755)
+    drop = bwrap is not None and as_root  # bubblewrap ran as root: the trampoline drops
     limits = [str(uid), str(uid), str(settings.memory_mb * 1024 * 1024), str(NPROC_LIMIT),
-              str(FSIZE_LIMIT), str(NOFILE_LIMIT)]
+              str(FSIZE_LIMIT), str(NOFILE_LIMIT), "1" if drop else "0"]
     tail = [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, *limits, "bash", "-c", command]
     if bwrap is not None:
         argv = _bwrap_argv(bwrap, root, workdir, settings, network=network, env_dir=env_dir,
@@ -355,9 +356,7 @@ def _run(
         env = _sandbox_env(settings, env_dir)
         cwd = root
     else:
-        # No isolation: the trampoline must not try to drop privileges it cannot regain.
         argv = tail
-        argv[5] = argv[6] = str(os.getuid())
         env = _sandbox_env(settings, None)
         env["HOME"], env["TMPDIR"] = str(root / "home"), str(root / "tmp")
         cwd = workdir
@@ -552,9 +551,10 @@ attempt("connect to an abstract Unix socket", abstract_socket)
 attempt("open a TCP connection", tcp)
 attempt("become root", become_root)
 attempt("hold capabilities", capabilities)
-subprocess.Popen(["sleep", "300", marker], start_new_session=True,
+subprocess.Popen(["bash", "-c", "exec -a %s sleep 300" % marker], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-print("LEFT\tleave a process behind\tstarted sleep " + marker)
+time.sleep(0.2)
+print("LEFT\tleave a process behind\tstarted " + marker)
 '''
 
 
@@ -573,22 +573,27 @@ def _marker_alive(marker: str) -> bool:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if marker.encode() in cmdline.split(b"\0"):
+        if cmdline.split(b"\0")[0] == marker.encode():
             return True
     return False
 
 
-def self_test(settings: SandboxSettings, scratch: Path) -> SelfTest:
-    """Try to break out of the sandbox in every way it must stop; each attempt must fail."""
-    if settings.isolation == "none":
-        return SelfTest(False, error="sandbox.isolation is 'none': repository code runs "
-                        "unconfined on this host")
-    found = probe(settings, fresh=True)
-    if not found.ok:
-        return SelfTest(False, error=found.detail)
-    scratch.mkdir(parents=True, exist_ok=True)
+def self_test(settings: SandboxSettings, run=None) -> SelfTest:
+    """Try to break out of the sandbox in every way it must stop; each attempt must fail.
+
+    ``run`` runs the probe (``run_sandboxed`` by default); a test passes an unconfined runner
+    to show that the probe does see an escape when there is one.
+    """
+    if run is None:
+        if settings.isolation == "none":
+            return SelfTest(False, error="sandbox.isolation is 'none': repository code runs "
+                            "unconfined on this host")
+        found = probe(settings, fresh=True)
+        if not found.ok:
+            return SelfTest(False, error=found.detail)
+        run = run_sandboxed
     tag = _secrets.token_hex(8)
-    base = Path(tempfile.mkdtemp(prefix="codeloop-selftest-", dir=scratch))
+    base = Path(tempfile.mkdtemp(prefix="codeloop-selftest-"))  # short: a Unix socket lives here
     canary_file = base / "canary.key"
     canary_file.write_text(f"canary-{tag}\n")
     outside = base / "written-from-sandbox"
@@ -611,7 +616,7 @@ def self_test(settings: SandboxSettings, scratch: Path) -> SelfTest:
         args = [str(canary_file), str(victim.pid), canary_env, unix_path, f"abstract-{tag}",
                 str(servers[2].getsockname()[1]), marker, str(outside)]
         command = "python selftest.py " + " ".join(f"'{a}'" for a in args)
-        result = run_sandboxed(command, work, settings, timeout=60)
+        result = run(command, work, settings, timeout=60)
         attempts: list[tuple[str, bool, str]] = []
         for line in result.output.splitlines():
             parts = line.split("\t")

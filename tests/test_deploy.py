@@ -135,3 +135,20 @@ def test_dockerfiles_install_what_the_makefile_installs():
     assert re.search(r"^FROM nvidia/cuda:", gpu, re.M) and "'.[gpu]'" in gpu
     cmd = re.search(r'^CMD \["(\w+)"\]', cpu, re.M).group(1)
     assert cmd in subcommands()
+
+
+def test_the_worker_container_can_build_its_sandbox_and_proves_it(compose):
+    """bubblewrap inside Docker needs user namespaces (refused by the default seccomp and
+    AppArmor profiles) and a fresh /proc (refused while /proc paths are masked); the worker
+    container gives those up, keeps no capability and no way to gain privileges, and its
+    health check runs the sandbox self-test."""
+    worker = compose["services"]["worker"]
+    options = set(worker["security_opt"])
+    assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined",
+            "no-new-privileges:true"} <= options
+    assert worker["cap_drop"] == ["ALL"]
+    assert "sandbox" in worker["healthcheck"]["test"][-1].split(",")
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "bubblewrap" in dockerfile and re.search(r"^USER codeloop$", dockerfile, re.M)
+    for name in ("web", "scheduler"):  # they run no repository code: default profiles stay
+        assert "security_opt" not in compose["services"][name]

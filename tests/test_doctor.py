@@ -138,6 +138,11 @@ def test_doctor_passes_a_sound_local_setup(tmp_path):
         result = subprocess.run([sys.executable, "-m", "bot.cli", "doctor"], env=env,
                                 capture_output=True, text=True, timeout=120)
     assert "OK    slack token: bot codeloop in workspace Acme" in result.stdout
+    assert "OK    sandbox: self-test: 10/10 escape attempts blocked" in result.stdout
+    for attempt in ("read a file outside the copy", "read another process's environment",
+                    "write outside the copy", "connect to a Unix socket", "open a TCP connection",
+                    "leave a process behind"):
+        assert f"blocked: {attempt} (" in result.stdout
     assert not [line for line in result.stdout.splitlines() if line.startswith("FAIL")], \
         result.stdout
     assert result.returncode == 0

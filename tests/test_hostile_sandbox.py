@@ -449,3 +449,31 @@ loot = base64.b64encode(s.encode()).decode() + " " + repr(s + "\\n") + " " + s
     retry = "\n".join(m.content for m in world.backend.calls[1])
     assert "LOOT:" in retry and "***" in retry  # the output came back to the model, masked
     _finish(world)
+
+
+# ---------------------------------------------------------------- no sandbox, no run
+
+
+def _path_without_bwrap(tmp: Path) -> str:
+    bin_dir = tmp / "bin-without-bwrap"
+    bin_dir.mkdir()
+    for tool in Path("/usr/bin").iterdir():
+        if tool.name != "bwrap":
+            (bin_dir / tool.name).symlink_to(tool)
+    return f"{Path(sys.executable).parent}:{bin_dir}"
+
+
+def test_without_a_sandbox_the_job_fails_before_generating_and_workers_refuse(world):
+    world.env["PATH"] = _path_without_bwrap(world.tmp)
+    world.run(attack_answer('loot = "ran unconfined"'))
+    assert world.returncode == 1
+    assert "cannot run the repository's tests safely" in world.output
+    assert "apt-get install bubblewrap" in world.output
+    assert world.backend.calls == []  # nothing was generated, nothing ran
+    assert not _published(world)
+
+    worker = subprocess.run([sys.executable, "-m", "bot.cli", "worker"], env=world.env,
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 1
+    assert "this worker takes no jobs: the test sandbox does not work here" in worker.stderr
+    _finish(world)

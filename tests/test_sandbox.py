@@ -1,0 +1,106 @@
+"""bot.sandbox directly: the self-test that `codeloop doctor` prints, and what the sandbox
+looks like from inside."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bot.sandbox import run_sandboxed, self_test
+from bot.scrub import Scrubber, variants
+from bot.settings import SandboxSettings
+
+
+def test_self_test_blocks_every_escape_here():
+    result = self_test(SandboxSettings())
+    assert result.error is None
+    assert len(result.attempts) == 10
+    escaped = [(name, detail) for name, blocked, detail in result.attempts if not blocked]
+    assert escaped == [] and result.ok
+
+
+def test_self_test_sees_escapes_when_nothing_confines_the_probe():
+    """The same probe run unconfined must report escapes, or the check above proves nothing."""
+    unconfined = SandboxSettings(isolation="none")
+    result = self_test(unconfined, run=lambda cmd, work, s, timeout: run_sandboxed(
+        cmd, work, s, timeout=timeout))
+    escaped = {name for name, blocked, _ in result.attempts if not blocked}
+    assert not result.ok
+    assert {"read a file outside the copy", "read another process's environment",
+            "connect to a Unix socket", "open a TCP connection",
+            "leave a process behind"} <= escaped
+    if os.geteuid() == 0:
+        assert "write outside the copy" in escaped
+
+
+def test_inside_the_sandbox(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "mine.txt").write_text("mine\n")
+    command = (
+        "id -u; hostname; cat mine.txt; echo changed > mine.txt; ls /; "
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; ls /proc | grep -c '^[0-9]'; "
+        "test -w /usr && echo usr-writable; test -e /run/postgresql && echo run-visible; "
+        "touch /tmp/x $HOME/y && echo tmp-home-writable"
+    )
+    result = run_sandboxed(command, work, SandboxSettings(timeout_seconds=30))
+    assert result.ok, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "65534" and lines[1] == "codeloop-sandbox" and lines[2] == "mine"
+    root = set(lines[3:lines.index(next(x for x in lines if x.startswith("CapEff")))])
+    assert root <= {"bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "proc",
+                    "root", "sbin", "tmp", "usr", "work", "workspace", "opt"}, root
+    assert "CapEff:\t0000000000000000" in lines and "CapBnd:\t0000000000000000" in lines
+    assert "NoNewPrivs:\t1" in lines
+    assert int(lines[lines.index("NoNewPrivs:\t1") + 1]) <= 4  # only the sandbox's processes
+    assert "usr-writable" not in lines and "run-visible" not in lines
+    assert "tmp-home-writable" in lines
+    assert (work / "mine.txt").read_text() == "changed\n"  # the copy is the writable place
+    assert os.stat(work / "mine.txt").st_uid == os.getuid()  # handed back to the bot's user
+
+
+def test_timeout_and_output_tail(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    result = run_sandboxed("yes line 2>/dev/null | head -c 5000000; sleep 30", work,
+                           SandboxSettings(), timeout=2)
+    assert result.timed_out and result.returncode is None and not result.ok
+    assert result.output_bytes == 5_000_000
+    assert len(result.output) <= 64 * 1024 and result.output.endswith("line\n")
+
+
+def test_scrubber_masks_common_encodings():
+    import base64
+    import json
+    from urllib.parse import quote
+
+    secret = "ghp_0123456789abcdefghijKLMNOP"
+    pem = "-----BEGIN KEY-----\nMIIEowIBAAKCAQEAabcdefghijklmnop\nQ2FuYXJ5TGluZVR3bzEyMzQ1Njc4\n-----END KEY-----"
+    scrub = Scrubber([secret, pem])
+    leaks = [
+        secret, base64.b64encode(secret.encode()).decode(),
+        base64.b64encode(b"x" + secret.encode()).decode(),
+        base64.b64encode(b"xy" + secret.encode() + b"z").decode(),
+        base64.urlsafe_b64encode(secret.encode()).decode(), quote(secret, safe=""),
+        secret.encode().hex(), repr(pem), json.dumps(pem), pem.splitlines()[1],
+        pem.splitlines()[2], "prefix:" + secret + ":suffix",
+    ]
+    for leak in leaks:
+        masked = scrub(f"before {leak} after")
+        assert secret not in masked and "MIIEowIBAAKCAQEA" not in masked, (leak, masked)
+        assert "***" in masked
+    # Base64 of a secret inside a longer text keeps no stretch of the secret's own encoding.
+    encoded = base64.b64encode(b"user=" + secret.encode() + b";").decode()
+    core = base64.b64encode(secret.encode()[1:]).decode()[4:20]
+    assert core not in scrub(encoded)
+    assert scrub("nothing secret here") == "nothing secret here"
+    assert len(variants("abcd")) >= 1 and Scrubber([]).__bool__() is False
+
+
+def test_secret_never_enters_the_sandbox_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_secretvalue")
+    work = tmp_path / "w"
+    work.mkdir()
+    result = run_sandboxed("env; cat /proc/1/environ | tr '\\0' '\\n'", work, SandboxSettings())
+    assert "ghp_secretvalue" not in result.output and "GITHUB_TOKEN" not in result.output
+    assert Path("/proc/self/environ").exists()

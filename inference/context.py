@@ -495,7 +495,8 @@ class _Terms:
     def __init__(self) -> None:
         self.vocab: list[str] = []
         self.ids: dict[str, int] = {}
-        self.rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # key -> per chunk
+        # key -> (term ids, counts, entries per chunk): a blob's chunks, one after another
+        self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def id(self, token: str) -> int:
         i = self.ids.get(token)
@@ -510,13 +511,20 @@ class _Terms:
                 np.fromiter(c.values(), dtype=np.int32, count=len(c)))
 
     def add(self, key: str, analysis: FileAnalysis) -> None:
-        self.rows[key] = [self.count(c.tokens) for c in analysis.chunks]
+        rows = [self.count(c.tokens) for c in analysis.chunks]
+        empty = np.zeros(0, dtype=np.int32)
+        self.rows[key] = (
+            np.concatenate([r[0] for r in rows]) if rows else empty,
+            np.concatenate([r[1] for r in rows]) if rows else empty,
+            np.array([len(r[0]) for r in rows], dtype=np.int64),
+        )
 
     def save(self, path: Path, keys: Iterable[str]) -> None:
         keys = [k for k in keys if k in self.rows]
-        docs = [r for k in keys for r in self.rows[k]]
-        key_docs = np.cumsum([0] + [len(self.rows[k]) for k in keys], dtype=np.int64)
-        doc_ptr = np.cumsum([0] + [len(ids) for ids, _ in docs], dtype=np.int64)
+        rows = [self.rows[k] for k in keys]
+        key_docs = np.cumsum([0] + [len(r[2]) for r in rows], dtype=np.int64)
+        lengths = np.concatenate([r[2] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+        doc_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         empty = np.zeros(0, dtype=np.int32)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rows-", suffix=".npz")
         try:
@@ -525,8 +533,8 @@ class _Terms:
                     fh, version=np.array([ANALYSIS_VERSION]),
                     vocab=np.array(self.vocab, dtype=str), keys=np.array(keys, dtype=str),
                     key_docs=key_docs, doc_ptr=doc_ptr,
-                    ids=np.concatenate([d[0] for d in docs]) if docs else empty,
-                    counts=np.concatenate([d[1] for d in docs]) if docs else empty,
+                    ids=np.concatenate([r[0] for r in rows]) if rows else empty,
+                    counts=np.concatenate([r[1] for r in rows]) if rows else empty,
                 )
             os.replace(tmp, path)
         except BaseException:
@@ -547,12 +555,11 @@ class _Terms:
             return terms
         terms.vocab = vocab
         terms.ids = {t: i for i, t in enumerate(vocab)}
+        lengths = np.diff(doc_ptr)
         for k, key in enumerate(keys):
             a, b = int(key_docs[k]), int(key_docs[k + 1])
-            terms.rows[key] = [
-                (ids[doc_ptr[d]:doc_ptr[d + 1]], counts[doc_ptr[d]:doc_ptr[d + 1]])
-                for d in range(a, b)
-            ]
+            lo, hi = int(doc_ptr[a]), int(doc_ptr[b])
+            terms.rows[key] = (ids[lo:hi], counts[lo:hi], lengths[a:b])
         return terms
 
 
@@ -606,19 +613,15 @@ def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer, terms: _Terms)
         # The path's words count in every chunk: "settings" finds settings.py anywhere in it.
         path_ids, path_counts = terms.count(tokenizer(f.path.replace(".", " ")))
         starts.append(n_docs)
-        chunk_rows = terms.rows[_analysis_key(f.blob, f.path)]
+        f_cols, f_vals, lengths = terms.rows[_analysis_key(f.blob, f.path)]
         if not f.analysis.chunks:
-            chunk_rows = [(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32))]
+            lengths = np.zeros(1, dtype=np.int64)
             spans.append((0, 0))
         else:
             spans.extend((c.start_line, c.end_line) for c in f.analysis.chunks)
-        k = len(chunk_rows)
-        lengths = np.array([len(r[0]) for r in chunk_rows], dtype=np.int64)
+        k = len(lengths)
         f_rows = np.repeat(np.arange(n_docs, n_docs + k, dtype=np.int64), lengths)
-        f_cols = (np.concatenate([r[0] for r in chunk_rows]) if lengths.sum()
-                  else np.zeros(0, dtype=np.int32))
-        f_vals = (np.concatenate([r[1] for r in chunk_rows]) if lengths.sum()
-                  else np.zeros(0, dtype=np.int32)).copy()
+        f_vals = f_vals.copy()
         extra_rows, extra_cols, extra_vals = [], [], []
         for pid, pcount in zip(path_ids.tolist(), path_counts.tolist()):
             m = f_cols == pid  # chunks that have the word already: count it once more

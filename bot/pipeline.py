@@ -571,8 +571,12 @@ def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str
             body = lines[found.body - 1] if found.body <= found.end else ""
             indent = body[: len(body) - len(body.lstrip())] if body.strip() else (
                 found.indent + "    ")
-            plan["definition"] = {"path": target.path, **found.__dict__,
-                                  "head": found.head(target.text) + indent}
+            head = found.head(target.text)
+            # A stub whose docstring shows results is to return one: starting the body with
+            # `return ` gets a small model writing code where it would close the block.
+            if found.stub and (">>>" in head or "return" in head.lower()):
+                indent += "return "
+            plan["definition"] = {"path": target.path, **found.__dict__, "head": head + indent}
             modes.append("definition")
         # The file goes in twice (shown, then as the answer's start): offered only whole, and
         # never when one definition is to change (a continued file can only add a second).

@@ -123,9 +123,10 @@ def test_a_failing_set_up_fails_the_job_before_generation(sqlite_settings, tmp_p
 @pytest.mark.model
 def test_codeloop_run_builds_the_environment_once_and_reuses_it(sqlite_settings, tmp_path):
     repo = repo_with_dependency(tmp_path / "repo")
-    requirement = ("Add a function count_words(text) to titles.py that returns how many words "
-                   "the text has.")
-    for _ in range(2):
+    requirements = ("Add a function count_words(text) to titles.py that returns how many "
+                    "words the text has.",
+                    "Add a function shout(text) to titles.py that returns the text in capitals.")
+    for requirement in requirements:
         proc = subprocess.run([sys.executable, "-m", "bot.cli", "run", requirement, "--repo",
                                str(repo)], env=cli_env(sqlite_settings), capture_output=True,
                               text=True, timeout=1200)

@@ -141,7 +141,7 @@ def test_a_stub_is_replaced_by_name_not_duplicated(sqlite_settings, tmp_path):
     assert outcome.state == "succeeded", outcome.error
     done = stages(runtime)
     assert done["prompt"]["plan"]["modes"][0] == "definition"
-    assert done["prompt"]["prefix"].endswith('    """\n    ')  # inside the body, indented
+    assert done["prompt"]["prefix"].endswith('    """\n    return ')  # inside the body
     new = git_out(repo, "show", f"{outcome.result['branch']}:nums.py")
     assert new.count("def square") == 1 and "return x * x" in new
     assert "def double" in new and "NotImplementedError" not in new

@@ -85,7 +85,9 @@ def test_a_stub_is_implemented_in_place_and_no_answer_is_validated_twice(sqlite_
                 assert "F811" not in check["output"]  # never a second `def square`
             diff = out.get("diff", "")
             assert diff.count("+def square") == 0  # the definition line is kept, not added
-    assert validated and len(validated) == len(set(validated))
+    story = "\n".join(f"{r.name}: {str(r.output)[:600]}" for r in rows)
+    assert validated, story
+    assert len(validated) == len(set(validated)), story
     plan = next(r for r in rows if r.name == "prompt").output["plan"]
     assert plan["modes"][0] == "definition" and plan["definition"]["name"] == "square"
     if outcome.state == "succeeded":

@@ -158,3 +158,16 @@ def test_doctor_reports_the_environments(sqlite_settings, tmp_path):
     [check] = run_checks(sqlite_settings, only=("environments",))
     assert check.status == "ok", check.message
     assert "1 built" in check.message and env.key in check.message and SETUP in check.message
+
+
+def test_tests_cannot_change_the_environment_later_jobs_reuse(sqlite_settings, tmp_path):
+    repo = repo_with_dependency(tmp_path / "repo")
+    config = parse_repo_config((repo / ".codeloop.yml").read_text())
+    env = ensure(sqlite_settings, config, repo, git_out(repo, "rev-parse", "HEAD").strip())
+    site = next(env.path.glob("lib/python*/site-packages"))
+    attack = ("echo 'raise SystemExit(0)' > /env/lib/python*/site-packages/slugkit.py; "
+              "touch /env/poison; python -c 'import slugkit; print(slugkit.slug(\"A B\"))'")
+    result = run_tests(repo, attack, sqlite_settings.sandbox, env_dir=env.path)
+    assert "a-b" in result.output  # the environment was read-only: slugkit is intact
+    assert not (env.path / "poison").exists()
+    assert "raise SystemExit" not in (site / "slugkit.py").read_text()

@@ -587,7 +587,9 @@ class _BM25:
     def get_scores_from_ids(self, ids: Sequence[int]) -> np.ndarray:
         out = np.zeros(self.n_docs, dtype=np.float64)
         if len(ids):
-            hit = np.isin(self.cols, np.asarray(list(ids), dtype=self.cols.dtype))
+            wanted = np.zeros(len(self.vocab) + 1, dtype=bool)
+            wanted[np.asarray(list(ids), dtype=np.int64)] = True
+            hit = wanted[self.cols]
             out += np.bincount(self.rows[hit], weights=self.scores[hit], minlength=self.n_docs)
         return out
 

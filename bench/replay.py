@@ -212,7 +212,7 @@ def run_task(task: Task, repo: Path, tmp: Path, settings: Settings, backend, bas
         return Result(task.sha, "failed", f"{last_stage}: {classify(reason)}", seconds, tokens,
                       answers, well, last_stage)
     branch = outcome.result["branch"]
-    check = checkout(target, tmp / "resolved", branch)
+    check = checkout(target, tmp / "resolved", f"origin/{branch}")
     git(check, "checkout", "-q", task.sha, "--", *task.tests)
     result = run_tests(check, test_command(base_cmd, task.tests, check), sandbox)
     state = "resolved" if result.ok else "unresolved"

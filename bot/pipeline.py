@@ -711,9 +711,15 @@ def _answer_in_format(plan: dict, mode: str, text: str, workdir: Path,
                       start_sha: str) -> tuple[str, str]:
     """The answer as an edit in a format the parser reads, and that format. A definition
     written after its prefilled head becomes a search/replace of that one definition."""
+    if mode in ("append", "definition"):
+        start = (plan["plan"]["append_prefix"] if mode == "append" else
+                 f"{plan['plan']['definition']['path']}\n```python\n"
+                 f"{plan['plan']['definition']['head']}")
+        if not text.startswith(start):  # a backend that ignored the prefill: a whole answer
+            return text, "whole"
     if mode == "append":
         prefix = plan["plan"]["append_prefix"]
-        added = text[len(prefix):] if text.startswith(prefix) else text
+        added = text[len(prefix):]
         added = added.split("```", 1)[0].strip("\n")
         path = plan["plan"]["target"]
         if not added.strip():

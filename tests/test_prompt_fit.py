@@ -176,7 +176,9 @@ def test_a_repeated_answer_is_not_validated_again_and_retries_change(sqlite_sett
 def test_a_file_too_big_for_the_prompt_is_never_offered_whole(sqlite_settings, tmp_path):
     body = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(2500))
     repo = make_repo(tmp_path / "repo", {"big.py": body})
-    backend = ScriptedBackend("x = 1\n... (truncated)\n")  # the marker, carried on
+    tail = "".join(body.splitlines(keepends=True)[-30:]).rstrip("\n")
+    prefix = f"big.py\n```python\n{tail}\n\n\n"
+    backend = ScriptedBackend(prefix + "x = 1\n... (truncated)\n")  # the marker, carried on
     runtime = build_runtime(sqlite_settings, backend=backend)
     sub = jobs.submit(runtime.store, source="cli", repo=str(repo),
                       requirement="Add a function g(x) to big.py", max_bytes=100_000)

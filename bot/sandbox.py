@@ -5,9 +5,10 @@ text anyone may write, on a machine that holds the bot's keys. So it runs under 
 
 - new user, PID, mount, IPC, UTS, cgroup and network namespaces; no capabilities; a new
   session; ``--die-with-parent``; ``no_new_privs``;
-- as an unprivileged user (``sandbox.uid``): when codeloop runs as root, bubblewrap starts
-  with just enough capability to let the trampoline below drop to that uid and enter a user
-  namespace of its own; otherwise bubblewrap's own user namespace does it;
+- as an unprivileged user: when codeloop runs as root, each sandbox running at once gets a
+  host uid of its own (from ``sandbox.uid``'s range), and bubblewrap starts with just enough
+  capability to let the trampoline below drop to it and enter a user namespace of its own;
+  otherwise bubblewrap's own user namespace does it;
 - a root file system built from nothing: ``/usr`` (and its ``/bin``/``/lib`` links), a few
   files of ``/etc``, the Python environment, all read-only; a fresh ``/proc``; a minimal
   ``/dev``; a private ``/tmp`` and ``HOME``; the job's private copy at ``/workspace`` as the
@@ -31,6 +32,7 @@ outside, reach a Unix socket and a TCP port, leave a process behind) and reports
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import secrets as _secrets
@@ -170,10 +172,10 @@ def _passwd(uid: int, gid: int) -> tuple[str, str]:
 
 
 def _bwrap_argv(
-    bwrap: str, root: Path, workdir: Path, settings: SandboxSettings, *, network: bool,
-    env_dir: Path | None, env_writable: bool, as_root: bool,
+    bwrap: str, root: Path, workdir: Path, uid: int, settings: SandboxSettings, *,
+    network: bool, env_dir: Path | None, env_writable: bool, as_root: bool,
 ) -> list[str]:
-    uid, gid = settings.uid, settings.uid
+    gid = uid
     argv = [
         bwrap, "--die-with-parent", "--new-session",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -239,6 +241,37 @@ def _sandbox_env(settings: SandboxSettings, env_dir: Path | None) -> dict[str, s
     if env_dir is not None:
         env["VIRTUAL_ENV"] = ENV_DIR
     return env
+
+
+UID_SLOTS = 1024
+
+
+class _UidSlot:
+    """One of UID_SLOTS host uids, held (a file lock) while one sandbox runs as it.
+
+    Process limits are counted per host uid across all sandboxes that share it: a hostile
+    test that fills its limit would starve every other job's sandbox. So each sandbox that
+    runs at once gets a uid of its own, across every worker process on this host.
+    """
+
+    def __init__(self, base: int):
+        lock_dir = Path(tempfile.gettempdir()) / "codeloop-sandbox-uids"
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        start = _secrets.randbelow(UID_SLOTS)
+        for i in range(UID_SLOTS):
+            slot = (start + i) % UID_SLOTS
+            fd = os.open(lock_dir / str(slot), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self._fd = base + slot, fd
+            return
+        raise SandboxUnavailable(f"all {UID_SLOTS} sandbox user ids are in use")
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing the file releases its lock
 
 
 def _chown_tree(path: Path, uid: int) -> None:
@@ -333,7 +366,21 @@ def _run(
 ) -> SandboxResult:
     """Run ``command`` once; ``bwrap`` None means no isolation (the explicit unsafe choice)."""
     start = time.monotonic()
-    uid = settings.uid
+    slot = _UidSlot(settings.uid) if bwrap is not None and as_root else None
+    try:
+        return _run_as(slot.uid if slot else settings.uid, bwrap, as_root, command, workdir, root,
+                       settings, network=network, env_dir=env_dir, env_writable=env_writable,
+                       timeout=timeout, scrubber=scrubber, start=start)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+def _run_as(
+    uid: int, bwrap: str | None, as_root: bool, command: str, workdir: Path, root: Path,
+    settings: SandboxSettings, *, network: bool, env_dir: Path | None, env_writable: bool,
+    timeout: float, scrubber: Scrubber, start: float,
+) -> SandboxResult:
     for name in ("tmp", "home"):
         (root / name).mkdir(exist_ok=True)
     passwd, group = _passwd(uid, uid)
@@ -351,8 +398,8 @@ def _run(
               str(FSIZE_LIMIT), str(NOFILE_LIMIT), "1" if drop else "0"]
     tail = [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, *limits, "bash", "-c", command]
     if bwrap is not None:
-        argv = _bwrap_argv(bwrap, root, workdir, settings, network=network, env_dir=env_dir,
-                           env_writable=env_writable, as_root=as_root) + tail
+        argv = _bwrap_argv(bwrap, root, workdir, uid, settings, network=network,
+                           env_dir=env_dir, env_writable=env_writable, as_root=as_root) + tail
         env = _sandbox_env(settings, env_dir)
         cwd = root
     else:

@@ -137,8 +137,10 @@ class SandboxSettings(BaseModel):
         "tests share the host's network, local services included (unsafe).",
     )
     uid: int = Field(
-        default=65534, ge=1,
-        description="Unprivileged user id repository code runs as when codeloop runs as root.",
+        default=2_000_000_000, ge=1, le=4_294_900_000,
+        description="When codeloop runs as root: the first of 1,024 unprivileged user ids that "
+        "repository code runs as, one per sandbox running at once (so one sandbox's processes "
+        "never count against another's process limit). Pick a range no account uses.",
     )
     read_only_paths: list[Path] = Field(
         default_factory=list,

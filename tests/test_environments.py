@@ -104,7 +104,8 @@ def test_set_up_builds_once_and_the_tests_use_it_without_network(sqlite_settings
 
 def test_a_failing_set_up_fails_the_job_before_generation(sqlite_settings, tmp_path):
     repo = make_repo(tmp_path / "repo", {"titles.py": TITLES},
-                     config="test_command: python -m pytest -q\nsetup:\n  - pip install --no-index ./vendor/missing\n")
+                     config="test_command: python -m pytest -q\n"
+                            "setup:\n  - pip install --no-index ./vendor/missing\n")
     backend = ScriptedBackend("never asked")
     runtime = build_runtime(sqlite_settings, backend=backend)
     sub = jobs.submit(runtime.store, source="cli", repo=str(repo), requirement="Add a helper",

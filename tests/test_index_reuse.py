@@ -35,7 +35,8 @@ def fresh(home: Path, repo: Path, query: str, seed: str) -> dict:
 
 
 def test_a_fresh_process_reuses_the_index_and_reads_only_what_changed(tmp_path):
-    files = {f"pkg/mod{i}.py": f"def helper_{i}(value):\n    return value * {i}\n" for i in range(30)}
+    files = {f"pkg/mod{i}.py": f"def helper_{i}(value):\n    return value * {i}\n"
+             for i in range(30)}
     files["pkg/session.py"] = "class Session:\n    def merge(self, other):\n        pass\n"
     repo = make_repo(tmp_path / "repo", files)
     home = tmp_path / "index"

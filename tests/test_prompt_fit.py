@@ -23,7 +23,8 @@ def words(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def make_repo(root: Path, files: dict[str, str], config: str = "test_command: python -m pytest -q\n"):
+def make_repo(root: Path, files: dict[str, str],
+              config: str = "test_command: python -m pytest -q\n"):
     root.mkdir(parents=True)
     for path, text in {**files, ".codeloop.yml": config}.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,8 @@ def test_shorten_keeps_head_and_tail_and_says_what_was_left_out():
 
 
 def test_the_named_stub_is_found_and_new_functions_are_not_mistaken_for_changes():
-    assert find_definition(STUB, "Implement square so that it does what its docstring says").name == "square"
+    implement = "Implement square so that it does what its docstring says"
+    assert find_definition(STUB, implement).name == "square"
     assert find_definition(STUB, "Implement the function so its doctest passes").name == "square"
     assert find_definition(STUB, "Make double return three times x").name == "double"
     assert find_definition(STUB, "Add cube(x) next to square") is None
@@ -149,7 +151,8 @@ def test_a_stub_is_replaced_by_name_not_duplicated(sqlite_settings, tmp_path):
 
 def test_a_repeated_answer_is_not_validated_again_and_retries_change(sqlite_settings, tmp_path):
     repo = make_repo(tmp_path / "repo", {"nums.py": STUB, "test_nums.py": TESTS})
-    wrong = 'nums.py\n```python\ndef square(x):\n    """The square of x."""\n    return x + x\n```\n'
+    wrong = ('nums.py\n```python\ndef square(x):\n    """The square of x."""\n'
+             '    return x + x\n```\n')
     backend = ScriptedBackend(wrong)  # the same text every time
     runtime = build_runtime(sqlite_settings, backend=backend)
     sub = jobs.submit(runtime.store, source="cli", repo=str(repo),
@@ -193,7 +196,7 @@ def test_a_file_too_big_for_the_prompt_is_never_offered_whole(sqlite_settings, t
     for n in (1, 2, 3):
         assert done[f"prompt-{n}" if n > 1 else "prompt"]["packing"]["tokens"] <= plan["budget"]
         assert "... (truncated)" not in done[f"validate-{n}"].get("diff", "")
-    assert "truncation" in done["validate-1"]["reason"] or "truncated" in done["validate-1"]["reason"]
+    assert "truncated" in done["validate-1"]["reason"]
     assert "validation" not in done["validate-1"]  # refused before any check ran
     assert git_out(repo, "status", "--porcelain") == ""
 

@@ -65,7 +65,8 @@ def test_a_module_over_2000_lines_never_fails_for_prompt_length(sqlite_settings,
             assert out["ok"] or out["reason"], out
             assert "... (truncated)" not in out.get("diff", "")
     if outcome.state == "succeeded":
-        assert "... (truncated)" not in git_out(repo, "show", f"{outcome.result['branch']}:geometry.py")
+        new = git_out(repo, "show", f"{outcome.result['branch']}:geometry.py")
+        assert "... (truncated)" not in new
     assert git_out(repo, "status", "--porcelain") == ""
 
 

@@ -584,7 +584,7 @@ def parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check the set-up: one line per part, what to fix")
     doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
     doctor.add_argument("--only", help="comma-separated parts: database,queue,backend,slack,"
-                        "github,sandbox (health checks use --only database,queue)")
+                        "github,sandbox,environments (health checks use --only database,queue)")
     doctor.set_defaults(fn=cmd_doctor)
     sub.add_parser("migrate", help="bring the database schema up to date"
                    ).set_defaults(fn=cmd_migrate)

@@ -328,10 +328,26 @@ def check_sandbox(settings: Settings) -> Check:
                  ("warn" if result.ok else "fail"), body)
 
 
+# ---------------------------------------------------------------- repository environments
+
+
+def check_environments(settings: Settings) -> Check:
+    """The cache of repositories' own environments (`.codeloop.yml` `setup:`)."""
+    from bot.environments import cache_state
+
+    state = cache_state(settings)
+    if not state["venv"]:
+        return Check("environments", "fail", "this Python cannot create virtual environments "
+                     "(python -m venv): repositories with `setup:` steps cannot be validated")
+    return Check("environments", "ok", f"{state['count']} built under {state['dir']} "
+                 f"({state['mb']} of {settings.sandbox.env_cache_mb} MB; least recently used "
+                 "evicted first)" + "".join(f"\n        {line}" for line in state["lines"]))
+
+
 # ---------------------------------------------------------------- all of it
 
 
-PARTS = ("database", "queue", "backend", "slack", "github", "sandbox")
+PARTS = ("database", "queue", "backend", "slack", "github", "sandbox", "environments")
 
 
 def run_checks(settings: Settings, timeout: float = 5.0,
@@ -349,6 +365,7 @@ def run_checks(settings: Settings, timeout: float = 5.0,
         checks += [("github", lambda: check_github_access(settings, timeout)),
                    ("github", lambda: check_github_webhook_secret(settings))]
     checks.append(("sandbox", lambda: check_sandbox(settings)))
+    checks.append(("environments", lambda: check_environments(settings)))
     out = []
     for part, check in checks:
         if part not in only:

@@ -7,6 +7,8 @@ finished generation is never generated again.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import logging
 import os
 import shutil
@@ -49,7 +51,8 @@ from inference.edits import (
     describe_format,
     parse_edits,
 )
-from inference.prompts import ContextDoc, Prompt, build_prompt
+from inference.edits import definition_answer, find_definition
+from inference.prompts import ContextDoc, Prompt, PromptTooLong, fit_prompt
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +272,7 @@ def run_job(job_id: int, ports: Ports) -> dict:
         if not found.ok:
             raise JobFailed(f"this worker cannot run the repository's tests safely, so nothing "
                             f"was generated: {found.detail}")
+    env_dir = _setup_environment(stages, ports, config, workdir, ws["start_sha"])
     model_name = config.model or _serving_model(settings, store, job_id)
     # The format follows the model family: an adapter answers like its base model.
     fmt = config.edit_format or default_format_for(config.model or settings.backend.model)
@@ -291,66 +295,62 @@ def run_job(job_id: int, ports: Ports) -> dict:
     found = stages.run("context", stage_context, "finding the files that matter")
 
     def stage_prompt() -> dict:
-        backend = ports.backend()
-        budget = settings.backend.context_tokens - settings.backend.max_new_tokens - 400
-        budget -= backend.count_tokens(query)
-        packed = ctx.pack(
-            workdir,
-            [ctx.ScoredFile(path=p, score=0.0, reasons=[]) for p in found["paths"]],
-            budget_tokens=max(budget // 2 if _prefill(settings, fmt) else budget, 64),
-            count_tokens=backend.count_tokens,
-            max_files=settings.pipeline.context_files,
-        )
-        docs = [ContextDoc(f.path, f.text) for f in packed]
-        target = _prefill_target(docs) if _prefill(settings, fmt) else None
-        prompt = build_prompt(
-            requirement=req["requirement"], context=docs, edit_format=fmt,
-            format_rules=describe_format(fmt), prefill_file=target, feedback=feedback,
-        )
-        return prompt.to_json()
+        return _plan_prompt(ports, workdir, found["paths"], req["requirement"], feedback, fmt,
+                            model_name)
 
-    prompt = Prompt.from_json(stages.run("prompt", stage_prompt, "writing the prompt"))
+    plan = stages.run("prompt", stage_prompt, "writing the prompt")
     proof_spec = _requirement_test_spec(ports, stages, kind, req["requirement"], feedback,
-                                        workdir, prompt, model_name)
+                                        workdir, plan, model_name)
 
-    # 4-6. generate, parse, validate; retry with the errors ----------------------
+    # 4-6. generate, parse, validate; retry with the errors, each retry different ----------
     attempts = settings.pipeline.max_attempts
     n = settings.pipeline.candidates_for(settings.backend.kind)
     good: dict | None = None
     last_reason = ""
-    current = prompt
+    history: list[dict] = []
     for attempt in range(1, attempts + 1):
+        if attempt == 1:
+            current, strategy = Prompt.from_json(plan), _first_strategy(settings, plan)
+        else:
+            strategy = _retry_strategy(settings, plan, history, attempt)
+
+            def stage_retry_prompt() -> dict:
+                retry, report = _attempt_prompt(ports, plan, strategy["mode"], req["requirement"],
+                                                feedback, history[-1])
+                return {**retry.to_json(), "packing": report, "strategy": strategy}
+
+            planned = stages.run(f"prompt-{attempt}", stage_retry_prompt,
+                                 f"rewriting the prompt (attempt {attempt}/{attempts})")
+            current, strategy = Prompt.from_json(planned), planned["strategy"]
         gen = stages.run(
             f"generate-{attempt}",
-            lambda: _generate_candidates(ports, current, model_name, n) if n > 1
-            else _generate(ports, current, model_name),
+            lambda: {**(_generate_candidates(ports, current, model_name, n) if n > 1
+                        else _generate(ports, current, model_name, strategy["temperature"])),
+                     "strategy": strategy},
             f"generating (attempt {attempt}/{attempts})"
             + (f", {n} candidates" if n > 1 else ""),
         )
+        answers = [_answer_in_format(plan, strategy["mode"], text, workdir, ws["start_sha"])
+                   for text in _texts(gen)]
         check = stages.run(
             f"validate-{attempt}",
-            lambda: _validate_candidates(ports, workdir, ws["start_sha"], gen, fmt, config,
-                                         proof_spec),
+            lambda: _validate_candidates(ports, workdir, ws["start_sha"], answers, config,
+                                         proof_spec, history, env_dir),
             f"validating (attempt {attempt}/{attempts})",
-            on_done=_record_candidates(job_id, attempt, current, gen, fmt),
+            on_done=_record_candidates(job_id, attempt, current, gen, answers),
         )
-        answer = _texts(gen)[check.get("chosen", 0)]
+        chosen = check.get("chosen", 0)
+        answer, afmt = answers[chosen]
+        history.append({"attempt": attempt, "mode": strategy["mode"],
+                        "raw": _texts(gen)[chosen],
+                        "sha": check.get("answer_sha") or _answer_sha(answer), **check})
         if check["ok"]:
-            good = {**check, "text": answer, "model": gen["model"], "attempt": attempt}
+            good = {**check, "text": answer, "model": gen["model"], "attempt": attempt,
+                    "format": afmt}
             break
         last_reason = check["reason"]
         if not check.get("retry", True):
             break
-        current = build_prompt(
-            requirement=req["requirement"],
-            context=_docs_from_prompt(prompt),
-            edit_format=fmt,
-            format_rules=describe_format(fmt),
-            feedback=feedback,
-            previous_answer=answer,
-            errors=check["reason"],
-        )
-        current = Prompt(current.messages, prompt.prefix, prompt.stop, fmt)
     if good is None:
         raise JobFailed(f"no valid change after {attempt} attempt(s): {last_reason}")
 
@@ -358,8 +358,8 @@ def run_job(job_id: int, ports: Ports) -> dict:
     try:
         published = stages.run(
             "publish",
-            lambda: _publish(ports, job_id, kind, req, info, ws, workdir, good, fmt, config,
-                             created_at, pr_id),
+            lambda: _publish(ports, job_id, kind, req, info, ws, workdir, good,
+                             good.get("format", fmt), config, created_at, pr_id),
             "opening the pull request" if kind == "create" else "pushing the revision",
         )
     except ForgeError as exc:
@@ -388,7 +388,8 @@ def _serving_model(settings: Settings, store: Store, job_id: int) -> str:
 
 
 def _slug(repo: str) -> str:
-    return git.slugify(repo, limit=80) + "-" + str(abs(hash(repo)) % 10_000)
+    """The index directory's name: the same for a repository in every process."""
+    return git.slugify(repo, limit=80) + "-" + hashlib.sha256(repo.encode()).hexdigest()[:12]
 
 
 def _prefill(settings: Settings, fmt: str) -> bool:
@@ -409,29 +410,13 @@ def _prefill_target(docs: list[ContextDoc]) -> ContextDoc | None:
     return docs[0] if docs else None
 
 
-def _docs_from_prompt(prompt: Prompt) -> list[ContextDoc]:
-    """Recover the context documents from a built prompt (for retries)."""
-    user = prompt.messages[1].content
-    docs = []
-    body = user.split("Requirement:\n", 1)[0]
-    for block in body.split("\n```\n"):
-        block = block.strip()
-        if not block or block == "Repository files:":
-            continue
-        block = block.removeprefix("Repository files:").strip()
-        head, _, text = block.partition("\n```")
-        _, _, text = text.partition("\n")
-        if head and text:
-            docs.append(ContextDoc(head.strip(), text))
-    return docs
-
-
-def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
+def _generate(ports: Ports, prompt: Prompt, model_name: str,
+              temperature: float | None = None) -> dict:
     settings = ports.settings
     backend = ports.backend()
     params = GenerationParams(
         max_tokens=settings.backend.max_new_tokens,
-        temperature=settings.backend.temperature,
+        temperature=settings.backend.temperature if temperature is None else temperature,
         stop=prompt.stop,
         prefix=prompt.prefix,
         model=model_name,
@@ -455,6 +440,7 @@ def _generate(ports: Ports, prompt: Prompt, model_name: str) -> dict:
 def _apply_and_validate(
     ports: Ports, workdir: Path, start_sha: str, answer: str, fmt: str, config: RepoConfig,
     proof_spec: dict | None = None,
+    env_dir: Path | None = None,
 ) -> dict:
     workspace.reset(workdir, start_sha)
     parsed = parse_edits(answer, fmt)
@@ -475,11 +461,12 @@ def _apply_and_validate(
                 "problems": parsed.problems}
     diff_lines = sum(len(v) for v in changed_lines.changed_lines(workdir, start_sha,
                                                                   changed).values())
+    change = _change_diff(workdir, start_sha, changed)
     blobs = git.blob_ids(workdir, changed)  # what was validated is what may be pushed
     try:
         result = validate(
             workdir, changed, config.test_command, ports.settings.sandbox,
-            secrets=ports.settings.secret_values(),
+            secrets=ports.settings.secret_values(), env_dir=env_dir,
         )
     except SandboxError as exc:
         raise JobFailed(str(exc)) from exc
@@ -489,7 +476,8 @@ def _apply_and_validate(
     # first, and the model's retry reads both. Not after a syntax or lint failure.
     lint_ok = all(c.ok or c.skipped for c in result.checks if c.name != "tests")
     if lint_ok and proof_spec is not None:
-        proof = _prove(ports, workdir, start_sha, parsed.edits, changed, config, proof_spec)
+        proof = _prove(ports, workdir, start_sha, parsed.edits, changed, config, proof_spec,
+                       env_dir)
         out["proof"] = proof
         if not proof["ok"]:
             ok, reason = False, (reason + "\n\n" + reqtests.failures_text(proof)).strip()
@@ -497,7 +485,8 @@ def _apply_and_validate(
     out["verdict"] = verdict.line(out)
     workspace.reset(workdir, start_sha)
     return {"ok": ok, "reason": reason, "changed": changed, "validation": out,
-            "problems": parsed.problems, "diff_lines": diff_lines, "blobs": blobs}
+            "problems": parsed.problems, "diff_lines": diff_lines, "blobs": blobs,
+            "diff": change}
 
 
 # ---------------------------------------------------------------- best of N
@@ -563,14 +552,17 @@ def _score(check: dict) -> list:
 
 
 def _validate_candidates(
-    ports: Ports, workdir: Path, start_sha: str, gen: dict, fmt: str, config: RepoConfig,
-    proof_spec: dict | None,
+    ports: Ports, workdir: Path, start_sha: str, answers: list[tuple[str, str]],
+    config: RepoConfig, proof_spec: dict | None, history: list[dict],
+    env_dir: Path | None = None,
 ) -> dict:
-    """Validate every candidate (parallel sandboxes, each in its own clone, within
-    `pipeline.candidate_concurrency`) and return the best one's check with all results."""
-    texts = _texts(gen)
-    if len(texts) == 1:
-        check = _apply_and_validate(ports, workdir, start_sha, texts[0], fmt, config, proof_spec)
+    """Validate every candidate — an (answer, edit format) pair — in parallel sandboxes, each
+    in its own clone, within `pipeline.candidate_concurrency`; an answer an earlier attempt
+    gave is not validated again. Returns the best one's check with all results."""
+    if len(answers) == 1:
+        answer, fmt = answers[0]
+        check = _validate_unless_repeated(ports, workdir, start_sha, answer, fmt, config,
+                                          history, env_dir, proof_spec)
         return {**check, "chosen": 0, "scores": [_score(check)]}
     from concurrent.futures import ThreadPoolExecutor
 
@@ -580,13 +572,14 @@ def _validate_candidates(
         git.git(workdir.parent, "clone", "--quiet", "--shared", "--no-checkout",
                 str(workdir), str(clone))
         try:
-            return _apply_and_validate(ports, clone, start_sha, texts[i], fmt, config,
-                                       proof_spec)
+            answer, fmt = answers[i]
+            return _validate_unless_repeated(ports, clone, start_sha, answer, fmt, config,
+                                             history, env_dir, proof_spec)
         finally:
             shutil.rmtree(clone, ignore_errors=True)
 
     with ThreadPoolExecutor(max_workers=ports.settings.pipeline.candidate_concurrency) as pool:
-        checks = list(pool.map(one, range(len(texts))))
+        checks = list(pool.map(one, range(len(answers))))
     scores = [_score(c) for c in checks]
     best = max(range(len(checks)), key=lambda i: (scores[i], -i))
     others = [
@@ -598,9 +591,10 @@ def _validate_candidates(
 
 
 def _record_candidates(
-    job_id: int, attempt: int, prompt: Prompt, gen: dict, fmt: str
+    job_id: int, attempt: int, prompt: Prompt, gen: dict, answers: list[tuple[str, str]],
 ) -> Callable[[Session, dict], None]:
-    """Store every candidate and its results, in the validate checkpoint's transaction."""
+    """Store every candidate (the model's text, as answered to `prompt`) and its results, in
+    the validate checkpoint's transaction."""
     def record(s: Session, output: dict) -> None:
         texts = _texts(gen)
         chosen = output.get("chosen", 0)
@@ -615,7 +609,8 @@ def _record_candidates(
                 score=list(r["score"]), reason=(r.get("reason") or None),
                 validation=r.get("validation") or {},
             ))
-        _record_format(gen["model"], fmt, parse_edits(texts[chosen], fmt).well_formed)(s, output)
+        answer, fmt = answers[chosen]
+        _record_format(gen["model"], fmt, parse_edits(answer, fmt).well_formed)(s, output)
 
     return record
 
@@ -625,7 +620,7 @@ def _record_candidates(
 
 def _requirement_test_spec(
     ports: Ports, stages: Stages, kind: str, requirement: str, feedback: str | None,
-    workdir: Path, prompt: Prompt, model_name: str,
+    workdir: Path, plan: dict, model_name: str,
 ) -> dict | None:
     """The requirement tests' sources for this job: stated examples, else a model-written test.
 
@@ -645,7 +640,7 @@ def _requirement_test_spec(
         return spec
 
     def stage_test() -> dict:
-        docs = [(d.path, d.text) for d in _docs_from_prompt(prompt)]
+        docs = [(d["path"], d["text"]) for d in plan["plan"]["docs"]]
         where = reqtests.test_dir(workdir)
         messages = reqtests.model_test_prompt(requirement, docs, where)
         # Start the answer with the file's header and stop at its closing fence: a small
@@ -678,7 +673,7 @@ def _requirement_test_spec(
 
 def _prove(
     ports: Ports, workdir: Path, start_sha: str, edits, changed: list[str], config: RepoConfig,
-    spec: dict,
+    spec: dict, env_dir: Path | None = None,
 ) -> dict:
     examples = [reqtests.Example(**e) for e in spec["examples"]]
 
@@ -688,7 +683,7 @@ def _prove(
     proof = reqtests.prove(
         workdir, start_sha, apply, changed, examples=examples, model_test=spec["model_test"],
         test_command=config.test_command, settings=ports.settings.sandbox,
-        secrets=ports.settings.secret_values(),
+        secrets=ports.settings.secret_values(), env_dir=env_dir,
     )
     proof["notes"] = spec["notes"] + proof["notes"]
     return proof
@@ -705,6 +700,314 @@ def _add_requirement_tests(workdir: Path, validation: dict) -> list[str]:
         target.write_text(text)
         added.append(path)
     return added
+
+
+
+# ---------------------------------------------------- the repository's own environment
+
+
+def _setup_environment(stages: Stages, ports: Ports, config: RepoConfig, workdir: Path,
+                       sha: str) -> Path | None:
+    """Build (or reuse) the environment of `.codeloop.yml` `setup:`, before any generation."""
+    if not config.setup:
+        return None
+    from bot.environments import SetupFailed, ensure
+    from bot.sandbox import SandboxUnavailable
+
+    def stage_setup() -> dict:
+        try:
+            env = ensure(ports.settings, config, workdir, sha, ports.settings.secret_values())
+        except SetupFailed as exc:
+            raise JobFailed(str(exc)) from exc
+        except SandboxUnavailable as exc:
+            raise JobFailed(f"the repository's set-up was not run: {exc}") from exc
+        return env.to_json()
+
+    done = stages.run("setup", stage_setup, "setting up the repository's environment")
+    path = Path(done["path"])
+    if not path.is_dir():  # evicted since the checkpoint: build it again
+        from bot.environments import ensure
+
+        env = ensure(ports.settings, config, workdir, sha, ports.settings.secret_values())
+        path = env.path
+    return path
+
+
+# ---------------------------------------------------- prompts that fit, retries that differ
+
+
+def _context_window(ports: Ports, model_name: str) -> int:
+    """The model's context in tokens: as the backend reports it, else the setting."""
+    backend = ports.backend()
+    window = getattr(backend, "context_window", None)
+    if window is not None:
+        try:
+            return int(window(model_name))
+        except BackendError as exc:
+            if exc.retryable:
+                raise BackendUnavailable(str(exc)) from exc
+            raise JobFailed(f"the model backend failed: {exc}") from exc
+    return ports.settings.backend.context_tokens or 2048
+
+
+def _prompt_budget(settings: Settings, window: int) -> int:
+    """Prompt tokens: the window less the answer's room and a margin for rough counts."""
+    answer = settings.backend.max_new_tokens
+    budget = window - answer - 16 - window // 32
+    if budget < 256:
+        raise JobFailed(
+            f"the model's context is {window} tokens; after {answer} for the answer "
+            f"(backend.max_new_tokens) only {budget} are left for the prompt: lower "
+            "backend.max_new_tokens or serve the model with a longer context"
+        )
+    return budget
+
+
+def _read_docs(workdir: Path, paths: list[str], limit: int) -> list[ContextDoc]:
+    docs = []
+    for path in paths:
+        if len(docs) >= limit:
+            break
+        try:
+            data = (workdir / path).read_bytes()
+        except OSError:
+            continue
+        if b"\0" in data[:8192]:
+            continue
+        docs.append(ContextDoc(path, data.decode("utf-8", errors="replace")))
+    return docs
+
+
+def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str,
+                 feedback: str | None, fmt: str, model_name: str) -> dict:
+    """The first attempt's prompt, and the plan later attempts are built from.
+
+    The plan is data in the stage record: the packed context documents, the token budget,
+    and the ways the model may be asked for its change (`modes`, best first):
+    - definition: the answer is started with the head of the one function the requirement
+      names (or the file's only stub); its body is swapped in by name;
+    - whole-prefill: the answer is started with the whole target file (small models);
+      only when the whole file fits;
+    - whole: whole files, never one that had to be cut for the budget;
+    - search_replace: always possible.
+    """
+    settings = ports.settings
+    backend = ports.backend()
+    window = _context_window(ports, model_name)
+    budget = _prompt_budget(settings, window)
+    docs = _read_docs(workdir, paths, settings.pipeline.context_files)
+    plan: dict = {"window": window, "budget": budget, "format": fmt, "target": None,
+                  "definition": None, "modes": [], "docs": [d.__dict__ for d in docs]}
+    target = _prefill_target(docs) if _prefill(settings, fmt) else None
+    modes: list[str] = []
+    if target is not None:
+        plan["target"] = target.path
+        found = find_definition(target.text, requirement) if target.path.endswith(".py") else None
+        if found is not None:
+            # The answer starts inside the body, indented: the model writes code, not a fence.
+            lines = target.text.splitlines()
+            body = lines[found.body - 1] if found.body <= found.end else ""
+            indent = body[: len(body) - len(body.lstrip())] if body.strip() else (
+                found.indent + "    ")
+            head = found.head(target.text)
+            # A stub whose docstring shows results is to return one: starting the body with
+            # `return ` gets a small model writing code where it would close the block.
+            if found.stub and (">>>" in head or "return" in head.lower()):
+                indent += "return "
+            plan["definition"] = {"path": target.path, **found.__dict__, "head": head + indent}
+            modes.append("definition")
+        # The file goes in twice (shown, then as the answer's start): offered only whole, and
+        # never when one definition is to change (a continued file can only add a second).
+        if found is None and backend.count_tokens(target.text) * 2 < budget:
+            try:
+                _, whole = _attempt_prompt(ports, plan, "whole-prefill", requirement, feedback,
+                                           None)
+            except JobFailed:
+                whole = {"truncated": [target.path], "dropped": []}
+            if target.path not in whole["truncated"] + whole["dropped"]:
+                modes.append("whole-prefill")
+                plan["target_text"] = target.text
+        if found is None and "whole-prefill" not in modes and target.path.endswith(".py"):
+            # Too big to rewrite: the answer continues the file's last lines, and what the
+            # model writes is appended (new code; a clash with a name there fails ruff).
+            tail = "".join(target.text.splitlines(keepends=True)[-30:]).rstrip("\n")
+            plan["append_prefix"] = f"{target.path}\n```python\n{tail}\n\n\n"
+            modes.append("append")
+    elif fmt == "whole":
+        _, whole = _attempt_prompt(ports, plan, "whole", requirement, feedback, None)
+        if not whole["truncated"]:  # a file cut off is never offered for a rewrite
+            modes.append("whole")
+    modes.append("search_replace")
+    plan["modes"] = modes
+    prompt, report = _attempt_prompt(ports, plan, modes[0], requirement, feedback, None)
+    plan["docs"] = report.pop("docs")
+    return {**prompt.to_json(), "plan": plan, "packing": report}
+
+
+_MODE_FORMAT = {"definition": "whole", "whole-prefill": "whole", "whole": "whole",
+                "append": "whole", "search_replace": "search_replace"}
+
+
+def _attempt_prompt(ports: Ports, plan: dict, mode: str, requirement: str,
+                    feedback: str | None, previous: dict | None) -> tuple[Prompt, dict]:
+    """One attempt's prompt in `mode`, packed into the plan's budget (see fit_prompt)."""
+    backend = ports.backend()
+    plan = plan.get("plan", plan)
+    docs = [ContextDoc(**d) for d in plan["docs"]]
+    efmt = _MODE_FORMAT[mode]
+    kwargs: dict = {"requirement": requirement, "edit_format": efmt,
+                    "format_rules": describe_format(efmt), "feedback": feedback}
+    target = plan.get("target")
+    # The file most likely changed is cut before it is dropped.
+    keep: tuple[str, ...] = (target,) if target else tuple(d.path for d in docs[:1])
+    if mode == "whole-prefill" and target:
+        whole = next((d for d in docs if d.path == target and not d.truncated), None)
+        if whole is None:  # cut for another mode's prompt: put it back whole
+            whole = ContextDoc(target, plan["target_text"])
+            docs = [whole] + [d for d in docs if d.path != target]
+        kwargs["prefill_file"] = whole
+        keep = (target,)
+    elif mode == "append":
+        kwargs.update(prefix=plan["append_prefix"], stop=("```", "\n\n\n"),
+                      note=f"Write only the new code; it is added at the end of {target}.")
+        keep = (target,)
+    elif mode == "definition":
+        d = plan["definition"]
+        head = d["head"]
+        stop = ("```", "\n\n\n")
+        if not d["indent"]:
+            stop += ("\ndef ", "\nclass ", "\n@", "\nif __name__")
+        kwargs.update(prefix=f"{d['path']}\n```python\n{head}", stop=stop,
+                      note=f"Write the new version of `{d['name']}` in {d['path']} only: it "
+                           "replaces the current definition; everything else stays as it is.")
+        keep = (d["path"],)
+    if previous is not None:
+        kwargs["previous_answer"] = previous.get("raw") or previous.get("answer") or ""
+        kwargs["errors"] = _actionable(previous.get("reason") or "it failed")
+    try:
+        fitted = fit_prompt(budget_tokens=plan["budget"], count_tokens=backend.count_tokens,
+                            context=docs, keep=keep, **kwargs)
+    except PromptTooLong as exc:
+        raise JobFailed(f"{exc}: the model's context is too small for this repository") from exc
+    report = fitted.report()
+    report["docs"] = [d.__dict__ for d in fitted.docs]
+    return fitted.prompt, report
+
+
+def _first_strategy(settings: Settings, plan: dict) -> dict:
+    return {"mode": plan["plan"]["modes"][0], "temperature": settings.backend.temperature,
+            "shown": "requirement and context", "why": "first attempt"}
+
+
+def _retry_strategy(settings: Settings, plan: dict, history: list[dict], attempt: int) -> dict:
+    """How retry `attempt` differs from the attempts before it: it shows the last failure
+    (with hints the model can act on), samples hotter each time and, once a way of asking
+    has failed twice or repeated itself, asks another way."""
+    modes = plan["plan"]["modes"]
+    last = history[-1]
+    mode = last["mode"]
+    temperature = round(min(1.0, max(settings.backend.temperature, 0.4 * (attempt - 1))), 2)
+    why = [f"shows attempt {last['attempt']}'s errors and answer",
+           f"temperature {temperature}"]
+    same = 0
+    for h in reversed(history):
+        if h["mode"] != mode:
+            break
+        same += 1
+    if last.get("duplicate_of") or same >= 2:
+        others = [m for m in modes if m != mode]
+        tried = {h["mode"] for h in history}
+        fresh = [m for m in others if m not in tried] or others
+        if fresh:
+            mode = fresh[0]
+            why.append(f"asks another way: {mode}")
+    return {"mode": mode, "temperature": temperature, "shown": "errors and previous answer",
+            "why": "; ".join(why)}
+
+
+def _actionable(reason: str) -> str:
+    """The failure, with a line on what to do for the failures small models make most."""
+    hints = []
+    if "F811" in reason or "edefinition of unused" in reason:
+        hints.append("Do not write a second definition with the same name: change the one "
+                     "that is there.")
+    if "(truncated)" in reason:
+        hints.append("Write only what you change; never copy the '... (truncated)' line.")
+    if "SEARCH text was not found" in reason:
+        hints.append("Copy the SEARCH lines exactly from the file shown above.")
+    if "SyntaxError" in reason or "invalid syntax" in reason:
+        hints.append("Check the indentation and that every bracket and string is closed.")
+    if "repeats attempt" in reason:
+        hints.append("That answer was the same as an earlier one: try a different approach.")
+    if "no parsable edit" in reason:
+        hints.append("Answer in the format the instructions give, with the file's path.")
+    return reason.strip() + ("\n\nWhat to do:\n" + "\n".join(f"- {h}" for h in hints)
+                             if hints else "")
+
+
+def _answer_in_format(plan: dict, mode: str, text: str, workdir: Path,
+                      start_sha: str) -> tuple[str, str]:
+    """The answer as an edit in a format the parser reads, and that format. A definition
+    written after its prefilled head becomes a search/replace of that one definition."""
+    if mode in ("append", "definition"):
+        start = (plan["plan"]["append_prefix"] if mode == "append" else
+                 f"{plan['plan']['definition']['path']}\n```python\n"
+                 f"{plan['plan']['definition']['head']}")
+        if not text.startswith(start):  # a backend that ignored the prefill: a whole answer
+            return text, "whole"
+    if mode == "append":
+        prefix = plan["plan"]["append_prefix"]
+        added = text[len(prefix):]
+        added = added.split("```", 1)[0].strip("\n")
+        path = plan["plan"]["target"]
+        if not added.strip():
+            return "", "search_replace"
+        return (f"{path}\n<<<<<<< SEARCH\n=======\n\n\n{added}\n>>>>>>> REPLACE\n",
+                "search_replace")
+    if mode != "definition":
+        return text, _MODE_FORMAT[mode]
+    from inference.edits import Definition
+
+    d = plan["plan"]["definition"]
+    original = git.show_file(workdir, start_sha, d["path"]) or ""
+    fields = {k: d[k] for k in ("name", "start", "body", "end", "indent", "stub", "kind")}
+    written = text.split("\n", 2)[2] if text.count("\n") >= 2 else ""
+    return definition_answer(d["path"], original, Definition(**fields), written), "search_replace"
+
+
+def _answer_sha(answer: str) -> str:
+    norm = "\n".join(line.rstrip() for line in answer.strip().splitlines())
+    return hashlib.sha256(norm.encode()).hexdigest()[:16]
+
+
+def _validate_unless_repeated(ports: Ports, workdir: Path, start_sha: str, answer: str,
+                              fmt: str, config: RepoConfig, history: list[dict],
+                              env_dir: Path | None = None,
+                              proof_spec: dict | None = None) -> dict:
+    """Validation of an answer no earlier attempt gave; a repeat is recorded, not re-run."""
+    sha = _answer_sha(answer)
+    for h in history:
+        if h.get("sha") == sha:
+            return {"ok": False, "changed": [], "problems": [], "answer_sha": sha,
+                    "duplicate_of": h["attempt"],
+                    "reason": f"the answer repeats attempt {h['attempt']}'s, which was not "
+                              f"validated again; it failed with: {h['reason'][-1500:]}"}
+    return {**_apply_and_validate(ports, workdir, start_sha, answer, fmt, config, proof_spec,
+                                  env_dir),
+            "answer_sha": sha}
+
+
+def _change_diff(workdir: Path, start_sha: str, changed: list[str], limit: int = 8000) -> str:
+    """The applied change as a unified diff (kept in the stage record; shown on retries)."""
+    out = []
+    for path in changed:
+        old = (git.show_file(workdir, start_sha, path) or "").splitlines(keepends=True)
+        try:
+            new = (workdir / path).read_text(errors="replace").splitlines(keepends=True)
+        except OSError:
+            new = []
+        out.extend(difflib.unified_diff(old, new, f"a/{path}", f"b/{path}"))
+    return "".join(out)[:limit]
 
 
 def _pr_paths(store: Store, pr_id: int | None) -> list[str]:

@@ -329,6 +329,7 @@ class Run:
 def run_in_sandbox(
     workdir: Path, files: Sequence[str], settings: SandboxSettings, secrets: Sequence[str] = (),
     *, changed: dict[str, list[int]] | None = None, suite: str | None = None,
+    env_dir: Path | None = None,
 ) -> Run:
     """Run the test ``files`` with pytest in the sandbox (and, with ``changed``, under
     coverage, followed by the repository's own suite when ``suite`` holds its arguments).
@@ -354,7 +355,7 @@ def run_in_sandbox(
         f"; python - {shlex.quote(nonce)} {xml} {cov} "
         f"{shlex.quote(json.dumps(changed or {}))} <<'CODELOOP_EOF'\n{_RUNNER}\nCODELOOP_EOF\n"
     )
-    result = run_tests(workdir, command, settings, secrets)
+    result = run_tests(workdir, command, settings, secrets, env_dir=env_dir)
     text = result.output
     marker = text.rfind(nonce)  # the last one: the runner prints after everything else
     if marker < 0:
@@ -392,7 +393,7 @@ def failure_kind(message: str) -> str:
 def prove(
     workdir: Path, start_sha: str, apply: callable, changed: Sequence[str],
     *, examples: Sequence[Example], model_test: dict | None, test_command: str | None,
-    settings: SandboxSettings, secrets: Sequence[str] = (),
+    settings: SandboxSettings, secrets: Sequence[str] = (), env_dir: Path | None = None,
 ) -> dict:
     """Fail-at-start / pass-with-change for the requirement tests, plus changed-line coverage.
 
@@ -426,7 +427,7 @@ def prove(
         for path, text in files.items():
             (workdir / path).parent.mkdir(parents=True, exist_ok=True)
             (workdir / path).write_text(text)
-        before = run_in_sandbox(workdir, list(files), settings, secrets)
+        before = run_in_sandbox(workdir, list(files), settings, secrets, env_dir=env_dir)
         workspace.reset(workdir, start_sha)
         if not before.ok:
             proof["notes"].append(f"requirement tests could not run at the start commit: "
@@ -471,7 +472,7 @@ def prove(
         p for p in changed if p.endswith(".py") and not _is_test_path(p)])
     suite = suite_args(test_command)
     after = run_in_sandbox(workdir, list(files), settings, secrets, changed=lines or None,
-                           suite=suite) if (files or lines) else None
+                           suite=suite, env_dir=env_dir) if (files or lines) else None
     by_id = {t["id"]: t for t in (after.tests if after else [])}
     for path, kind in collect_failed.items():  # a file that could not even import at start
         for tid in by_id:

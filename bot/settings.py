@@ -76,8 +76,12 @@ class BackendSettings(BaseModel):
     max_retries: int = Field(default=4, ge=0, description="Retries on 429/5xx and connection errors.")
     max_new_tokens: int = Field(default=384, ge=1, description="Most tokens one generation may produce.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature (0 = greedy).")
-    context_tokens: int = Field(
-        default=2048, ge=256, description="Model context window in tokens (prompt + answer)."
+    context_tokens: int | None = Field(
+        default=None,
+        ge=256,
+        description="Model context window in tokens (prompt + answer). Default: what the model "
+        "says (the embedded model's config; max_model_len from the server's /v1/models); a "
+        "number caps it.",
     )
     supports_prefill: bool = Field(
         default=True,
@@ -170,6 +174,14 @@ class SandboxSettings(BaseModel):
         "toolchain outside /usr. Never put secrets or CODELOOP_HOME here.",
     )
     ruff: bool = Field(default=True, description="Run `ruff check` on changed Python files.")
+    setup_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="Time limit of each `.codeloop.yml` set-up step."
+    )
+    env_cache_mb: int = Field(
+        default=4096, ge=0,
+        description="Size of the repository environments kept under CODELOOP_HOME/envs; the "
+        "least recently used go first.",
+    )
 
 
 class WebSettings(BaseModel):
@@ -477,6 +489,12 @@ class RepoConfig(BaseModel):
         default_factory=list,
         description="Branches besides the default branch (and `base_branch`) whose merged pull "
         "requests are training material; merges into other branches are not.",
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell steps that install the repository's own dependencies, e.g. "
+        "`pip install -e .[test]`. They run once per change of the dependency files, in the "
+        "sandbox with the network, into an environment the tests then use without it.",
     )
 
     @field_validator("allowed_paths", "protected_paths")

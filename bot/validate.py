@@ -66,8 +66,11 @@ def validate(
     test_command: str | None,
     settings: SandboxSettings,
     secrets: Sequence[str] = (),
+    env_dir: Path | None = None,
 ) -> ValidationResult:
-    """Run syntax, ruff and test checks on a working tree; stop after the first failing kind."""
+    """Run syntax, ruff and test checks on a working tree; stop after the first failing kind.
+
+    ``env_dir``: the repository's own environment (bot.environments) the tests run in."""
     workdir = Path(workdir)
     secrets = [s for s in secrets if s]
     py_files = _python_files(workdir, changed_paths)
@@ -75,7 +78,7 @@ def validate(
     steps = (
         lambda: check_syntax(workdir, py_files, secrets),
         lambda: check_ruff(workdir, py_files, settings, secrets),
-        lambda: run_tests(workdir, test_command, settings, secrets),
+        lambda: run_tests(workdir, test_command, settings, secrets, env_dir=env_dir),
     )
     for step in steps:
         result = step()

@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import bm25s
 import numpy as np
 
 # Bump when the analysis (tokenizer, stemmer, chunking, symbol extraction) changes: old
 # cache files are then ignored instead of mixing two kinds of tokens.
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: chunk tokens live in ROWS_FILE_NAME as term ids and counts
 CACHE_FILE_NAME = "context-index.json"
+ROWS_FILE_NAME = "context-rows.npz"
 TRUNCATION_MARKER = "... (truncated)"
 
 
@@ -328,7 +328,7 @@ def _encode(a: FileAnalysis) -> dict:
     return {
         "lines": a.lines,
         "symbols": list(a.symbols),
-        "chunks": [[c.start_line, c.end_line, " ".join(c.tokens)] for c in a.chunks],
+        "chunks": [[c.start_line, c.end_line] for c in a.chunks],
     }
 
 
@@ -339,7 +339,7 @@ def _decode(d: dict) -> FileAnalysis:
         skip=None,
         lines=int(d["lines"]),
         symbols=tuple(d["symbols"]),
-        chunks=tuple(Chunk(int(s), int(e), tuple(t.split())) for s, e, t in d["chunks"]),
+        chunks=tuple(Chunk(int(c[0]), int(c[1]), ()) for c in d["chunks"]),
     )
 
 
@@ -413,7 +413,7 @@ class _Corpus:
     """Everything `rank` needs, built once per `update`."""
 
     files: list[IndexedFile]
-    retriever: bm25s.BM25 | None
+    retriever: _BM25 | None
     chunk_starts: np.ndarray  # index of each file's first chunk document
     chunk_spans: list[tuple[int, int]]  # (start_line, end_line) per chunk document
     by_path: dict[str, int]
@@ -486,13 +486,124 @@ def _pair_tests(
     return tests_for
 
 
-def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer) -> _Corpus:
-    docs: list[list[str]] = []
+class _Terms:
+    """Term ids, and each analysed blob's chunks as (term id, count) rows, kept on disk.
+
+    A fresh process loads these arrays instead of tokenising and counting every chunk
+    again, so re-indexing costs what changed, not the size of the repository."""
+
+    def __init__(self) -> None:
+        self.vocab: list[str] = []
+        self.ids: dict[str, int] = {}
+        # key -> (term ids, counts, entries per chunk): a blob's chunks, one after another
+        self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def id(self, token: str) -> int:
+        i = self.ids.get(token)
+        if i is None:
+            i = self.ids[token] = len(self.vocab)
+            self.vocab.append(token)
+        return i
+
+    def count(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        c = Counter(self.id(t) for t in tokens)
+        return (np.fromiter(c.keys(), dtype=np.int32, count=len(c)),
+                np.fromiter(c.values(), dtype=np.int32, count=len(c)))
+
+    def add(self, key: str, analysis: FileAnalysis) -> None:
+        rows = [self.count(c.tokens) for c in analysis.chunks]
+        empty = np.zeros(0, dtype=np.int32)
+        self.rows[key] = (
+            np.concatenate([r[0] for r in rows]) if rows else empty,
+            np.concatenate([r[1] for r in rows]) if rows else empty,
+            np.array([len(r[0]) for r in rows], dtype=np.int64),
+        )
+
+    def save(self, path: Path, keys: Iterable[str]) -> None:
+        keys = [k for k in keys if k in self.rows]
+        rows = [self.rows[k] for k in keys]
+        key_docs = np.cumsum([0] + [len(r[2]) for r in rows], dtype=np.int64)
+        lengths = np.concatenate([r[2] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+        doc_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        empty = np.zeros(0, dtype=np.int32)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rows-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh, version=np.array([ANALYSIS_VERSION]),
+                    vocab=np.array(self.vocab, dtype=str), keys=np.array(keys, dtype=str),
+                    key_docs=key_docs, doc_ptr=doc_ptr,
+                    ids=np.concatenate([r[0] for r in rows]) if rows else empty,
+                    counts=np.concatenate([r[1] for r in rows]) if rows else empty,
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> _Terms:
+        terms = cls()
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["version"][0]) != ANALYSIS_VERSION:
+                    return terms
+                vocab, keys = z["vocab"].tolist(), z["keys"].tolist()
+                key_docs, doc_ptr = z["key_docs"], z["doc_ptr"]
+                ids, counts = z["ids"], z["counts"]
+        except (OSError, ValueError, KeyError):
+            return terms
+        terms.vocab = vocab
+        terms.ids = {t: i for i, t in enumerate(vocab)}
+        lengths = np.diff(doc_ptr)
+        for k, key in enumerate(keys):
+            a, b = int(key_docs[k]), int(key_docs[k + 1])
+            lo, hi = int(doc_ptr[a]), int(doc_ptr[b])
+            terms.rows[key] = (ids[lo:hi], counts[lo:hi], lengths[a:b])
+        return terms
+
+
+class _BM25:
+    """BM25 (Lucene's variant, k1 1.5, b 0.75) over (doc, term, count) entries with no
+    duplicates, scores precomputed per entry. Built in linear time (no sort), so a fresh
+    process pays little for it; a query sums the entries of its few terms."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_docs: int,
+                 vocab: dict[str, int], k1: float = 1.5, b: float = 0.75):
+        self.vocab = vocab
+        self.n_docs = n_docs
+        tf = vals.astype(np.float64)
+        dl = np.bincount(rows, weights=tf, minlength=n_docs)
+        avg = float(dl.mean()) if n_docs and dl.sum() else 1.0
+        df = np.bincount(cols, minlength=len(vocab)).astype(np.float64)
+        idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5))
+        self.scores = idf[cols] * tf / (k1 * ((1 - b) + b * dl[rows] / avg) + tf)
+        self.rows = rows
+        self.cols = cols
+
+    def get_tokens_ids(self, tokens: Sequence[str]) -> list[int]:
+        return [self.vocab[t] for t in tokens if t in self.vocab]
+
+    def get_scores_from_ids(self, ids: Sequence[int]) -> np.ndarray:
+        out = np.zeros(self.n_docs, dtype=np.float64)
+        if len(ids):
+            wanted = np.zeros(len(self.vocab) + 1, dtype=bool)
+            wanted[np.asarray(list(ids), dtype=np.int64)] = True
+            hit = wanted[self.cols]
+            out += np.bincount(self.rows[hit], weights=self.scores[hit], minlength=self.n_docs)
+        return out
+
+
+def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer, terms: _Terms) -> _Corpus:
     starts: list[int] = []
     spans: list[tuple[int, int]] = []
     by_name: dict[str, list[int]] = {}
     by_stem: dict[str, list[int]] = {}
     by_symbol: dict[str, list[int]] = {}
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    n_docs = 0
     for i, f in enumerate(files):
         p = PurePosixPath(f.path)
         by_name.setdefault(p.name.lower(), []).append(i)
@@ -502,20 +613,37 @@ def _build_corpus(files: list[IndexedFile], tokenizer: Tokenizer) -> _Corpus:
                 continue
             by_symbol.setdefault(sym, []).append(i)
         # The path's words count in every chunk: "settings" finds settings.py anywhere in it.
-        path_tokens = tokenizer(f.path.replace(".", " "))
-        starts.append(len(docs))
+        path_ids, path_counts = terms.count(tokenizer(f.path.replace(".", " ")))
+        starts.append(n_docs)
+        f_cols, f_vals, lengths = terms.rows[_analysis_key(f.blob, f.path)]
         if not f.analysis.chunks:
-            docs.append(list(path_tokens))
+            lengths = np.zeros(1, dtype=np.int64)
             spans.append((0, 0))
-        for c in f.analysis.chunks:
-            docs.append(list(c.tokens) + path_tokens)
-            spans.append((c.start_line, c.end_line))
+        else:
+            spans.extend((c.start_line, c.end_line) for c in f.analysis.chunks)
+        k = len(lengths)
+        f_rows = np.repeat(np.arange(n_docs, n_docs + k, dtype=np.int64), lengths)
+        f_vals = f_vals.copy()
+        extra_rows, extra_cols, extra_vals = [], [], []
+        for pid, pcount in zip(path_ids.tolist(), path_counts.tolist()):
+            m = f_cols == pid  # chunks that have the word already: count it once more
+            f_vals[m] += pcount
+            has = np.zeros(k, dtype=bool)
+            has[f_rows[m] - n_docs] = True
+            missing = np.flatnonzero(~has) + n_docs
+            extra_rows.append(missing)
+            extra_cols.append(np.full(len(missing), pid, dtype=np.int32))
+            extra_vals.append(np.full(len(missing), pcount, dtype=np.int32))
+        rows.extend([f_rows, *extra_rows])
+        cols.extend([f_cols, *extra_cols])
+        vals.extend([f_vals, *extra_vals])
+        n_docs += k
     is_test = np.array([is_test_path(f.path) for f in files], dtype=bool)
     tests_for = _pair_tests(files, by_stem, is_test)
     retriever = None
-    if docs and any(docs):
-        retriever = bm25s.BM25()
-        retriever.index(docs, show_progress=False)
+    if n_docs and sum(len(c) for c in cols):
+        retriever = _BM25(np.concatenate(rows), np.concatenate(cols).astype(np.int32),
+                          np.concatenate(vals), n_docs, terms.ids)
     return _Corpus(
         files=files,
         retriever=retriever,
@@ -674,6 +802,7 @@ class RepoIndex:
         self.options = options or IndexOptions()
         self.weights = weights or RankWeights()
         self._analyses: dict[str, FileAnalysis] | None = None
+        self._terms: _Terms | None = None
         self._corpus: _Corpus | None = None
         self._tokenizer = Tokenizer()
         self.stats: IndexStats | None = None
@@ -734,8 +863,13 @@ class RepoIndex:
         repo_dir = Path(repo_dir)
         opts = self.options
         if self._analyses is None:
-            self._analyses = self._load_cache()
+            self._terms = _Terms.load(self.cache_dir / ROWS_FILE_NAME)
+            # An analysis counts as cached only with its term rows next to it.
+            self._analyses = {k: a for k, a in self._load_cache().items()
+                              if a.skip or k in self._terms.rows}
         cached = self._analyses
+        terms = self._terms
+        assert terms is not None
         listed = list_repository(repo_dir)
         skipped: Counter[str] = Counter()
         candidates: list[ListedFile] = []
@@ -775,19 +909,27 @@ class RepoIndex:
                     continue
                 read += 1
                 analysis = analyse(data, item.path, opts, self._tokenizer)
+                if not analysis.skip:
+                    terms.add(key, analysis)
+                    # The tokens now live in the term rows; the analysis keeps the spans.
+                    analysis = FileAnalysis(None, analysis.lines, analysis.symbols, tuple(
+                        Chunk(c.start_line, c.end_line, ()) for c in analysis.chunks))
             keep[key] = analysis
             if analysis.skip:
                 skipped[analysis.skip] += 1
                 continue
             files.append(IndexedFile(item.path, blob, analysis))
-        if read or keep.keys() != cached.keys():
-            self._save_cache(keep)
-        self._analyses = keep
         same = self._corpus is not None and [(f.path, f.blob) for f in self._corpus.files] == [
             (f.path, f.blob) for f in files
         ]
+        words = len(terms.vocab)
         if not same:
-            self._corpus = _build_corpus(files, self._tokenizer)
+            self._corpus = _build_corpus(files, self._tokenizer, terms)
+        if read or keep.keys() != cached.keys() or len(terms.vocab) != words:
+            self._save_cache(keep)
+            terms.rows = {k: terms.rows[k] for k in keep if k in terms.rows}
+            terms.save(self.cache_dir / ROWS_FILE_NAME, keep)
+        self._analyses = keep
         self.stats = IndexStats(
             files_total=len(listed),
             files_indexed=len(files),

@@ -6,7 +6,8 @@ rebuilds its prompt asks the model the same question.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from bot.ports import Message
@@ -26,6 +27,7 @@ def fence_lang(path: str) -> str:
 class ContextDoc:
     path: str
     text: str
+    truncated: bool = False  # its tail was cut for the budget: never offered for a rewrite
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ def build_prompt(
     feedback: str | None = None,
     previous_answer: str | None = None,
     errors: str | None = None,
+    prefix: str | None = None,
+    stop: tuple[str, ...] | None = None,
+    note: str | None = None,
 ) -> Prompt:
     """Messages for one generation.
 
@@ -80,6 +85,8 @@ def build_prompt(
       instead of inventing the format (the parser still sees a whole-file answer).
     - `feedback`: review comments a revision must address.
     - `previous_answer` + `errors`: a retry after validation failed.
+    - `prefix` / `stop`: an answer start chosen by the caller (one definition to rewrite);
+      `note`: a sentence after the requirement saying what to write.
     """
     parts = ["Repository files:"]
     for doc in context:
@@ -89,6 +96,8 @@ def build_prompt(
     parts.append(f"Requirement:\n{requirement.strip()}")
     if feedback:
         parts.append(f"Review comments to address:\n{feedback.strip()}")
+    if note:
+        parts.append(note.strip())
     messages = [
         Message("system", SYSTEM.format(format_rules=format_rules.strip())),
         Message("user", "\n\n".join(parts)),
@@ -102,8 +111,11 @@ def build_prompt(
                 f"{errors.strip()}\n\nFix it and answer again in the same format.",
             )
         )
+    if prefix is not None:
+        return Prompt(messages=messages, prefix=prefix, stop=tuple(stop or ()),
+                      edit_format=edit_format)
     prefix = ""
-    stop: tuple[str, ...] = ()
+    stop = ()
     if prefill_file is not None and edit_format == "whole":
         body = prefill_file.text.rstrip("\n")
         lang = fence_lang(prefill_file.path)
@@ -116,3 +128,161 @@ def build_prompt(
             prefix = f"{prefill_file.path}\n```{lang}\n{body}\n\n"
             stop = ("```",)
     return Prompt(messages=messages, prefix=prefix, stop=stop, edit_format=edit_format)
+
+
+# ---------------------------------------------------------------- fitting the budget
+
+TOKENS_PER_MESSAGE = 8  # what a chat template adds around each message, at most
+
+
+class PromptTooLong(ValueError):
+    """Even with all context dropped and every quote shortened the prompt does not fit."""
+
+
+def prompt_tokens(prompt: Prompt, count_tokens: Callable[[str], int]) -> int:
+    """Tokens the prompt takes, chat template included (an upper estimate)."""
+    n = sum(count_tokens(m.content) + TOKENS_PER_MESSAGE for m in prompt.messages)
+    return n + (count_tokens(prompt.prefix) if prompt.prefix else 0) + TOKENS_PER_MESSAGE
+
+
+def shorten(text: str, max_tokens: int, count_tokens: Callable[[str], int],
+            keep: str = "both") -> str:
+    """`text` cut to `max_tokens` at line boundaries, with a line saying how much was left
+    out. `keep`: "both" keeps the head and the tail (answers), "tail" mostly the end
+    (errors: the last lines of a test run say what failed)."""
+    if count_tokens(text) <= max_tokens:
+        return text
+    lines = text.splitlines()
+    head_share = 0.5 if keep == "both" else 0.2
+
+    def cut(n: int) -> str:
+        h = int(n * head_share)
+        t = n - h
+        left = len(lines) - n
+        mid = [f"[... {left} line(s) left out ...]"]
+        return "\n".join(lines[:h] + mid + (lines[len(lines) - t:] if t else []))
+
+    lo, hi = 0, len(lines) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(cut(mid)) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:  # not even one line fits: cut characters off the end of the last line
+        return text[-max(16, max_tokens * 2):]
+    return cut(lo)
+
+
+def _cut_doc(doc: ContextDoc, max_tokens: int, count_tokens: Callable[[str], int],
+             marker: str) -> ContextDoc | None:
+    lines = doc.text.splitlines(keepends=True)
+
+    def cut(n: int) -> str:
+        head = "".join(lines[:n])
+        if head and not head.endswith("\n"):
+            head += "\n"
+        return head + marker + "\n"
+
+    lo, hi = 0, len(lines)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(cut(mid)) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return ContextDoc(doc.path, cut(lo), truncated=True) if lo > 0 else None
+
+
+@dataclass
+class Fitted:
+    """A prompt that fits, and what was given up for it (kept in the stage record)."""
+
+    prompt: Prompt
+    tokens: int
+    budget: int
+    docs: list[ContextDoc]
+    dropped: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+    shortened: list[str] = field(default_factory=list)
+
+    def report(self) -> dict:
+        return {"tokens": self.tokens, "budget": self.budget, "dropped": self.dropped,
+                "truncated": self.truncated, "shortened": self.shortened}
+
+
+def fit_prompt(
+    *,
+    budget_tokens: int,
+    count_tokens: Callable[[str], int],
+    context: list[ContextDoc],
+    keep: tuple[str, ...] = (),
+    marker: str = "... (truncated)",
+    **kwargs,
+) -> Fitted:
+    """`build_prompt(context=..., **kwargs)` packed into `budget_tokens`.
+
+    `context` is ordered best first. When the whole prompt does not fit, in this order:
+    the quoted errors and previous answer are shortened to a share of the budget, the
+    least useful documents are dropped (never those in `keep`), the quotes are shortened
+    further, the last document left is cut (its tail replaced by `marker`), and at the end
+    the requirement and review comments are shortened. Raises PromptTooLong only when the
+    fixed parts (system prompt, answer prefix) alone exceed the budget.
+    """
+    docs = list(context)
+    args = dict(kwargs)
+    fitted = Fitted(prompt=None, tokens=0, budget=budget_tokens, docs=docs)  # type: ignore[arg-type]
+
+    def build() -> int:
+        fitted.prompt = build_prompt(context=docs, **args)
+        fitted.tokens = prompt_tokens(fitted.prompt, count_tokens)
+        return fitted.tokens
+
+    def quote_limits(share: float) -> None:
+        for key, how in (("errors", "tail"), ("previous_answer", "both")):
+            if args.get(key):
+                limit = max(48, int(budget_tokens * share))
+                short = shorten(args[key], limit, count_tokens, keep=how)
+                if short != args[key]:
+                    args[key] = short
+                    if key not in fitted.shortened:
+                        fitted.shortened.append(key)
+
+    if build() <= budget_tokens:
+        return fitted
+    quote_limits(0.15)
+    if build() <= budget_tokens:
+        return fitted
+    for i in range(len(docs) - 1, -1, -1):  # least useful first
+        if docs[i].path in keep:
+            continue
+        fitted.dropped.append(docs.pop(i).path)
+        if build() <= budget_tokens:
+            return fitted
+    quote_limits(0.05)
+    if build() <= budget_tokens:
+        return fitted
+    for i in range(len(docs) - 1, -1, -1):
+        over = fitted.tokens - budget_tokens
+        room = count_tokens(docs[i].text) - over - 8
+        cut = _cut_doc(docs[i], room, count_tokens, marker) if room > 32 else None
+        path = docs.pop(i).path
+        if cut is not None:
+            docs.insert(i, cut)
+            fitted.truncated.append(path)
+        else:
+            fitted.dropped.append(path)
+        if build() <= budget_tokens:
+            return fitted
+    for key in ("feedback", "requirement"):
+        if args.get(key):
+            over = fitted.tokens - budget_tokens
+            limit = max(32, count_tokens(args[key]) - over - 8)
+            args[key] = shorten(args[key], limit, count_tokens, keep="both")
+            fitted.shortened.append(key)
+            if build() <= budget_tokens:
+                return fitted
+    raise PromptTooLong(
+        f"the prompt needs {fitted.tokens} tokens even without context; the budget is "
+        f"{budget_tokens}"
+    )

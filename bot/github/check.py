@@ -48,6 +48,9 @@ def check(settings: Settings, repo: str) -> tuple[bool, list[str]]:
             f"ok   .codeloop.yml: trigger label {config.trigger_label!r}, "
             f"tests: {config.test_command or 'none configured'}"
         )
+        from bot.environments import describe
+
+        lines.append(f"ok   set-up: {describe(settings, config)}")
     except (RepoConfigError, ForgeError) as exc:
         ok = False
         lines.append(f"FAIL .codeloop.yml: {exc}")

@@ -93,6 +93,7 @@ class OpenAIBackend:
         self._backoff = backoff_seconds
         self._max_backoff = max_backoff_seconds
         self._sleep = sleep
+        self._windows: dict[str, int] = {}
         self._client = openai.OpenAI(
             base_url=self._url,
             api_key=settings.api_key.get_secret_value(),
@@ -117,6 +118,27 @@ class OpenAIBackend:
         if self._count is not None:
             return self._count(text)
         return len(text) // 3  # rough: code runs about 3 characters a token
+
+    def context_window(self, model: str | None = None) -> int:
+        """The served model's context (`max_model_len` in GET /v1/models, as vLLM reports
+        it), capped by `context_tokens` when that is set. An adapter without its own figure
+        has its base model's; a server that reports none gets `context_tokens` or 2,048."""
+        name = model or self.model
+        if name not in self._windows:
+            page = self._with_retries("list models", lambda: self._client.models.list())
+            cards = {m.id: m for m in page.data}
+            card = cards.get(name)
+            own = _max_model_len(card) if card is not None else None
+            if own is None and card is not None:  # a LoRA adapter: its parent's or root's
+                for key in ("parent", "root"):
+                    base = cards.get(getattr(card, key, None) or "")
+                    own = own or (_max_model_len(base) if base is not None else None)
+            if own is None:
+                known = [n for n in (_max_model_len(m) for m in page.data) if n]
+                own = min(known) if known else None
+            self._windows[name] = own or self.settings.context_tokens or 2048
+        cap = self.settings.context_tokens
+        return min(self._windows[name], cap) if cap else self._windows[name]
 
     def list_models(self) -> list[str]:
         """The model and adapter names the server serves (GET /v1/models)."""
@@ -352,6 +374,16 @@ class OpenAIBackend:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _max_model_len(card) -> int | None:
+    value = getattr(card, "max_model_len", None)
+    if value is None and getattr(card, "model_extra", None):
+        value = card.model_extra.get("max_model_len")
+    try:
+        return int(value) if value else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _without_echo(pieces: Iterator[str], prefix: str) -> Iterator[str]:

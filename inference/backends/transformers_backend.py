@@ -26,7 +26,7 @@ class TransformersBackend:
         *,
         model_name: str,
         adapter_path: Path | None = None,
-        context_tokens: int = 2048,
+        context_tokens: int | None = None,
         threads: int = 0,
     ):
         import torch
@@ -45,7 +45,9 @@ class TransformersBackend:
             self.model_name = Path(adapter_path).name
         model.eval()
         self.model = model
-        self.context_tokens = context_tokens
+        # The model's own limit (SmolLM2-135M: 8,192), or less if the settings cap it.
+        own = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        self.context_tokens = min(own, context_tokens) if context_tokens else own
         self.load_seconds = time.perf_counter() - started
         self.name = f"transformers:{self.model_name}"
         self._lock = threading.Lock()  # one generation at a time on one CPU model
@@ -81,6 +83,10 @@ class TransformersBackend:
         return contextlib.nullcontext(), self.model_name
 
     # ------------------------------------------------------------------ helpers
+    def context_window(self, model: str | None = None) -> int:
+        """Prompt + answer tokens the model takes (adapters share the base model's)."""
+        return self.context_tokens
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -1,0 +1,310 @@
+"""Benchmark the whole product on a real repository's history (SWE-bench style).
+
+    python bench/replay.py REPO [--commits 200] [--jobs 5] [--model NAME ...]
+        [--backend embedded|openai] [--base-url URL] [--max-new-tokens 256]
+        [--context-tokens N] [--attempts 3] [--test-command CMD]
+
+From REPO's history (a path or a git URL; never modified) it picks commits that change
+source code and add or change tests. For each, the commit's test files are run in the
+sandbox at the parent (they must fail) and at the commit (they must pass); other commits
+are skipped, with the reason counted. For each kept commit, codeloop runs one job on a
+repository whose `main` is the parent commit (the commit's tests unseen) with the commit
+message as the requirement; then the commit's test files are put onto codeloop's branch
+and run in the sandbox: passing is "resolved". One table per model: resolved share,
+well-formed share of the answers, where jobs ended (failure reason by stage), time and
+tokens per job. `--model` takes any served name, a LoRA adapter's included (with
+`--backend openai`), or an adapter directory (embedded), so the learning loop can be
+compared before and after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sqlalchemy import select  # noqa: E402
+
+from bot import jobs  # noqa: E402
+from bot.runtime import build_runtime, execute  # noqa: E402
+from bot.settings import (  # noqa: E402
+    BackendSettings,
+    PipelineSettings,
+    SandboxSettings,
+    Settings,
+)
+from bot.store.models import JobStage  # noqa: E402
+from bot.validate import run_tests  # noqa: E402
+from inference.context import is_test_path  # noqa: E402
+
+SOURCE_EXT = (".py",)
+
+
+def git(cwd: Path, *args: str, check: bool = True) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], check=check, capture_output=True,
+                          text=True).stdout
+
+
+@dataclass
+class Task:
+    sha: str
+    parent: str
+    message: str
+    tests: list[str]  # the commit's test files (added or changed)
+    sources: list[str]
+
+
+@dataclass
+class Result:
+    sha: str
+    state: str  # resolved | unresolved | failed
+    reason: str
+    seconds: float
+    tokens: int
+    answers: int
+    well_formed: int
+    stage: str = ""
+    detail: dict = field(default_factory=dict)
+
+
+def candidates(repo: Path, n: int) -> tuple[list[Task], Counter]:
+    skipped: Counter = Counter()
+    out = git(repo, "log", "--no-merges", f"-n{n}", "--format=%x1e%H %P%x1f%B", "HEAD")
+    tasks = []
+    for record in out.split("\x1e"):
+        if not record.strip():
+            continue
+        head, _, message = record.partition("\x1f")
+        shas = head.split()
+        if len(shas) != 2:
+            skipped["root commit"] += 1
+            continue
+        sha, parent = shas
+        changed = git(repo, "diff", "--name-status", "--no-renames", parent, sha).splitlines()
+        tests, sources = [], []
+        for line in changed:
+            status, _, path = line.partition("\t")
+            if is_test_path(path) and status in ("A", "M"):
+                tests.append(path)  # test modules and their data files
+            elif path.endswith(SOURCE_EXT) and not is_test_path(path):
+                sources.append(path)
+        runnable = [t for t in tests if t.endswith(".py") and (
+            Path(t).name.startswith("test") or t.endswith("_test.py"))]
+        if not sources:
+            skipped["no source change"] += 1
+        elif not runnable:
+            skipped["no test added or changed"] += 1
+        else:
+            tasks.append(Task(sha, parent, message.strip(), tests, sources))
+    return tasks, skipped
+
+
+def checkout(repo: Path, dest: Path, sha: str) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    subprocess.run(["git", "clone", "-q", "--shared", "--no-checkout", str(repo), str(dest)],
+                   check=True)
+    git(dest, "checkout", "-q", "--detach", sha)
+    return dest
+
+
+def test_command(base: str, tests: list[str], workdir: Path) -> str:
+    prefix = "PYTHONPATH=src " if (workdir / "src").is_dir() else ""
+    modules = [t for t in tests if t.endswith(".py") and (
+        Path(t).name.startswith("test") or t.endswith("_test.py"))]
+    return f"{prefix}{base} " + " ".join(modules)
+
+
+def run_commit_tests(repo: Path, tmp: Path, at: str, task: Task, sandbox: SandboxSettings,
+                     base_cmd: str) -> tuple[bool, str]:
+    work = checkout(repo, tmp / "check", at)
+    git(work, "checkout", "-q", task.sha, "--", *task.tests)
+    result = run_tests(work, test_command(base_cmd, task.tests, work), sandbox)
+    return result.ok, result.output
+
+
+def keep_tasks(repo: Path, tmp: Path, tasks: list[Task], sandbox: SandboxSettings,
+               base_cmd: str, want: int, skipped: Counter) -> list[Task]:
+    kept = []
+    for task in tasks:
+        if len(kept) >= want:
+            skipped["not needed (enough kept)"] += 1
+            continue
+        at_parent, _ = run_commit_tests(repo, tmp, task.parent, task, sandbox, base_cmd)
+        if at_parent:
+            skipped["tests pass at the parent"] += 1
+            continue
+        at_commit, _ = run_commit_tests(repo, tmp, task.sha, task, sandbox, base_cmd)
+        if not at_commit:
+            skipped["tests fail at the commit"] += 1
+            continue
+        kept.append(task)
+    return kept
+
+
+def target_repo(repo: Path, tmp: Path, task: Task, base_cmd: str) -> Path:
+    """A repository whose main is the parent commit, plus a .codeloop.yml commit when the
+    project has none (its existing tests, never the commit's)."""
+    dest = tmp / "target"
+    if dest.exists():
+        shutil.rmtree(dest)
+    subprocess.run(["git", "clone", "-q", "--no-checkout", str(repo), str(dest)], check=True)
+    git(dest, "checkout", "-q", "-B", "main", task.parent)
+    if not (dest / ".codeloop.yml").exists():
+        prefix = "PYTHONPATH=src " if (dest / "src").is_dir() else ""
+        (dest / ".codeloop.yml").write_text(f"test_command: {prefix}{base_cmd}\n")
+        git(dest, "add", ".codeloop.yml")
+        git(dest, "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm",
+            "codeloop config for the replay")
+    return dest
+
+
+def classify(reason: str) -> str:
+    r = reason.lower()
+    for needle, label in (
+        ("no parsable edit", "no parsable edit"), ("search text", "search/replace did not fit"),
+        ("repeats attempt", "repeated answer"), ("syntax", "syntax error"),
+        ("## ruff", "ruff"), ("## tests", "tests failed"), ("truncat", "truncation marker"),
+        ("refused", "refused edit"), ("context", "prompt length"),
+        ("changed nothing", "changed nothing"), ("backend", "backend"),
+    ):
+        if needle in r:
+            return label
+    return reason.strip().splitlines()[0][:40] if reason.strip() else "unknown"
+
+
+def run_task(task: Task, repo: Path, tmp: Path, settings: Settings, backend, base_cmd: str,
+             sandbox: SandboxSettings) -> Result:
+    target = target_repo(repo, tmp, task, base_cmd)
+    runtime = build_runtime(settings, backend=backend)
+    started = time.perf_counter()
+    sub = jobs.submit(runtime.store, source="cli", repo=str(target), requirement=task.message,
+                      max_bytes=100_000)
+    outcome = execute(runtime, sub.job_id)
+    seconds = time.perf_counter() - started
+    tokens = answers = well = 0
+    last_stage, last_reason = "", ""
+    with runtime.store.session() as s:
+        rows = list(s.scalars(select(JobStage).where(JobStage.job_id == sub.job_id)
+                              .order_by(JobStage.id)))
+        for row in rows:
+            out = row.output or {}
+            if row.name.startswith("generate-") and row.state == "done":
+                tokens += int(out.get("prompt_tokens", 0)) + int(out.get("completion_tokens", 0))
+                answers += 1
+            if row.name.startswith("validate-") and row.state == "done":
+                if not out.get("problems") and "no parsable edit" not in out.get("reason", ""):
+                    well += 1
+                last_reason = out.get("reason", "")
+            last_stage = row.name.split("-")[0]
+            if row.state == "failed":
+                last_reason = row.error or last_reason
+    if outcome.state != "succeeded":
+        reason = outcome.error or last_reason
+        return Result(task.sha, "failed", f"{last_stage}: {classify(reason)}", seconds, tokens,
+                      answers, well, last_stage)
+    branch = outcome.result["branch"]
+    check = checkout(target, tmp / "resolved", f"origin/{branch}")
+    git(check, "checkout", "-q", task.sha, "--", *task.tests)
+    result = run_tests(check, test_command(base_cmd, task.tests, check), sandbox)
+    state = "resolved" if result.ok else "unresolved"
+    return Result(task.sha, state, "" if result.ok else "commit's tests fail on the branch",
+                  seconds, tokens, answers, well, "publish")
+
+
+def make_backend(args, model: str, settings: Settings):
+    if args.backend == "openai":
+        from inference.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings.backend)
+    from inference.backends.embedded import EMBEDDED_MODEL_NAME, ensure_converted
+    from inference.backends.transformers_backend import TransformersBackend
+
+    path, _ = ensure_converted(settings.embedded.cache_dir)
+    adapter = Path(model) if model and Path(model).is_dir() else None
+    return TransformersBackend(path, model_name=EMBEDDED_MODEL_NAME, adapter_path=adapter,
+                               context_tokens=args.context_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("repo", help="a git repository path or URL (left untouched)")
+    ap.add_argument("--commits", type=int, default=200, help="recent commits to look at")
+    ap.add_argument("--jobs", type=int, default=5, help="most kept commits to replay")
+    ap.add_argument("--model", action="append", default=[],
+                    help="served model or adapter name (openai), adapter directory "
+                         "(embedded); repeat to compare")
+    ap.add_argument("--backend", choices=("embedded", "openai"), default="embedded")
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--context-tokens", type=int, default=None,
+                    help="cap the model's context (default: what the model says)")
+    ap.add_argument("--attempts", type=int, default=3)
+    ap.add_argument("--test-command", default="python -m pytest -q -x -p no:cacheprovider")
+    ap.add_argument("--timeout", type=float, default=300.0, help="sandbox time limit per run")
+    args = ap.parse_args(argv)
+    models = args.model or ["smollm2-135m-instruct"]
+    sandbox = SandboxSettings(timeout_seconds=args.timeout)
+
+    with tempfile.TemporaryDirectory(prefix="codeloop-replay-") as tmp_name:
+        tmp = Path(tmp_name)
+        repo = tmp / "source"
+        subprocess.run(["git", "clone", "-q", args.repo, str(repo)], check=True)
+        t = time.perf_counter()
+        tasks, skipped = candidates(repo, args.commits)
+        kept = keep_tasks(repo, tmp, tasks, sandbox, args.test_command, args.jobs, skipped)
+        select_s = time.perf_counter() - t
+        print(f"# replay of {args.repo}: {args.commits} commits looked at, {len(tasks)} change "
+              f"source and tests, {len(kept)} kept (fail at parent, pass at commit) "
+              f"in {select_s:.0f} s")
+        print("skipped: " + (", ".join(f"{k} {v}" for k, v in skipped.most_common()) or "none"))
+        for model in models:
+            home = tmp / f"home-{len(model)}-{abs(hash(model)) % 1000}"
+            served = model if args.backend == "openai" else "smollm2-135m-instruct"
+            settings = Settings(
+                home=home,
+                backend=BackendSettings(kind="openai" if args.backend == "openai" else
+                                        "transformers", model=served, base_url=args.base_url,
+                                        max_new_tokens=args.max_new_tokens,
+                                        context_tokens=args.context_tokens),
+                pipeline=PipelineSettings(max_attempts=args.attempts),
+                sandbox=sandbox,
+            )
+            backend = make_backend(args, model, settings)
+            results = [run_task(task, repo, tmp, settings, backend, args.test_command, sandbox)
+                       for task in kept]
+            print_table(model, args.backend, results)
+            for r in results:
+                print(f"  {r.sha[:10]} {r.state:10} {r.seconds:6.0f} s {r.tokens:6} tok  "
+                      f"{r.reason}")
+    return 0
+
+
+def print_table(model: str, backend: str, results: list[Result]) -> None:
+    n = len(results) or 1
+    resolved = sum(r.state == "resolved" for r in results)
+    answers = sum(r.answers for r in results)
+    well = sum(r.well_formed for r in results)
+    ends = Counter(r.reason if r.state != "resolved" else "resolved" for r in results)
+    print(f"\n## {model} ({backend})\n")
+    print("| jobs | resolved | well-formed answers | time / job | tokens / job |")
+    print("|---|---|---|---|---|")
+    print(f"| {len(results)} | {resolved}/{len(results)} ({resolved / n:.0%}) | "
+          f"{well}/{answers} ({(well / answers if answers else 0):.0%}) | "
+          f"{sum(r.seconds for r in results) / n:.0f} s | "
+          f"{sum(r.tokens for r in results) / n:.0f} |")
+    print("\n| where jobs ended | jobs |\n|---|---|")
+    for reason, count in ends.most_common():
+        print(f"| {reason} | {count} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -627,7 +627,7 @@ def _requirement_test_spec(
     A revision looks for examples in the review feedback. The model's test is a checkpointed
     stage (a resumed job does not ask again).
     """
-    mode = ports.settings.pipeline.requirement_tests
+    mode = ports.settings.pipeline.requirement_tests_for(ports.settings.backend.kind)
     if mode == "off":
         return None
     text = feedback if kind == "revise" else requirement

@@ -255,7 +255,8 @@ class _UidSlot:
     """
 
     def __init__(self, base: int):
-        lock_dir = Path(tempfile.gettempdir()) / "codeloop-sandbox-uids"
+        # One place for every process on the host, whatever its TMPDIR: they must agree.
+        lock_dir = Path("/tmp/codeloop-sandbox-uids")
         lock_dir.mkdir(mode=0o700, exist_ok=True)
         start = _secrets.randbelow(UID_SLOTS)
         for i in range(UID_SLOTS):

@@ -120,11 +120,13 @@ class PipelineSettings(BaseModel):
         description="auto: with the whole-file format, start the answer with the most relevant "
         "file's current content so small models continue it; off: never.",
     )
-    requirement_tests: Literal["auto", "examples", "off"] = Field(
-        default="auto",
+    requirement_tests: Literal["auto", "examples", "off"] | None = Field(
+        default=None,
         description="Tests of the requested behaviour that must fail at the start commit and "
         "pass with the change. auto: the requirement's stated examples, else a test the model "
-        "writes; examples: only the stated examples; off: none (the verdict says so).",
+        "writes; examples: only the stated examples; off: none (the verdict says so). "
+        "Default: auto on an OpenAI-compatible server, examples on the embedded CPU model "
+        "(a 135M model's own tests are rarely right, and each costs a generation).",
     )
     candidates: int | None = Field(
         default=None,
@@ -141,6 +143,11 @@ class PipelineSettings(BaseModel):
     candidate_concurrency: int = Field(
         default=2, ge=1, le=16, description="Candidates validated at once (parallel sandboxes)."
     )
+
+    def requirement_tests_for(self, backend_kind: str) -> str:
+        if self.requirement_tests is not None:
+            return self.requirement_tests
+        return "auto" if backend_kind == "openai" else "examples"
 
     def candidates_for(self, backend_kind: str) -> int:
         if self.candidates is not None:

@@ -1,7 +1,7 @@
 """The web server's composition root: each feature module contributes routes; this wires them.
 
 A feature module exposes `routes(ctx: WebContext) -> list[starlette.routing.BaseRoute]`
-(design rule 2). Handlers only verify, store and enqueue (design rule 5): they get the
+(docs/architecture.md, "Parts"). Handlers only verify, store and enqueue (docs/architecture.md: acknowledge fast): they get the
 store and an `enqueue_delivery` callable, never a backend or a forge client.
 """
 

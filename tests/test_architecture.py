@@ -25,7 +25,9 @@ PARTS = {
     "feedback": "feedback",
     "bot.pipeline": "pipeline", "bot.jobs": "pipeline", "bot.validate": "pipeline",
     "bot.workspace": "pipeline", "bot.forges": "pipeline", "bot.deliveries": "pipeline",
-    "bot.sandbox": "pipeline",
+    "bot.reqtests": "pipeline", "bot.verdict": "pipeline", "bot.changed_lines": "pipeline",
+    "bot.environments": "pipeline",
+    "bot.sandbox": "kernel",
     "training": "training",
     "bot": "edges",  # slack, github, web, cli, dashboard, serve, runtime, doctor, notify, ...
 }

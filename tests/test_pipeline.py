@@ -42,8 +42,8 @@ def test_requirement_becomes_validated_pull_request(settings, sample_repo):
         assert "existing tests: 2 passed" in pr.body and "Add a whisper(text) helper" in pr.body
         assert [r.number for r in pr.revisions] == [1]
         stages = [st.name for st in s.scalars(select(JobStage).order_by(JobStage.id))]
-        # No example in the requirement: the model was asked for a test of it first.
-        assert stages[:5] == ["workspace", "context", "prompt", "requirement-test", "generate-1"]
+        # No example in the requirement, and the embedded default asks the model for no test.
+        assert stages[:4] == ["workspace", "context", "prompt", "generate-1"]
         assert stages[-1] == "publish"
         stat = s.get(EditFormatStat, ("scripted", "whole"))
         assert (stat.well_formed, stat.malformed) == (1, 0)

@@ -134,11 +134,21 @@ def test_requirement_example_fails_at_start_and_passes_with_the_change(settings,
     assert "tests: passed" not in body
 
 
-def test_model_test_that_passes_at_the_start_is_discarded(sqlite_settings, sample_repo):
+@pytest.fixture
+def auto_settings(tmp_path):
+    """The model writes a test when the requirement states no example (the default on an
+    OpenAI-compatible server; the embedded model's default is stated examples only)."""
+    from bot.settings import PipelineSettings
+    from tests.conftest import make_settings
+
+    return make_settings(tmp_path / "home", pipeline=PipelineSettings(requirement_tests="auto"))
+
+
+def test_model_test_that_passes_at_the_start_is_discarded(auto_settings, sample_repo):
     proves_nothing = ("tests/test_whisper.py\n```python\nfrom textutil import shout\n\n\n"
                       "def test_whisper():\n    assert shout(\"hi\") == \"HI!\"\n```\n")
     backend = ScriptedBackend(GOOD, tests=(proves_nothing,))
-    outcome, body = run(sqlite_settings, sample_repo, backend, "Add a whisper(text) helper")
+    outcome, body = run(auto_settings, sample_repo, backend, "Add a whisper(text) helper")
     assert outcome.state == "succeeded", outcome.error
     proof = outcome.result["validation"]["proof"]
     assert proof["requirement_tests"] == []
@@ -150,11 +160,11 @@ def test_model_test_that_passes_at_the_start_is_discarded(sqlite_settings, sampl
     assert "tests/test_whisper.py" not in files.split()
 
 
-def test_model_test_that_fails_at_the_start_is_kept_and_labelled(sqlite_settings, sample_repo):
+def test_model_test_that_fails_at_the_start_is_kept_and_labelled(auto_settings, sample_repo):
     real = ("tests/test_whisper.py\n```python\nfrom textutil import whisper\n\n\n"
             "def test_whisper():\n    assert whisper(\"HI\") == \"hi...\"\n```\n")
     backend = ScriptedBackend(GOOD, tests=(real,))
-    outcome, body = run(sqlite_settings, sample_repo, backend, "Add a whisper(text) helper")
+    outcome, body = run(auto_settings, sample_repo, backend, "Add a whisper(text) helper")
     assert outcome.state == "succeeded", outcome.error
     [kept] = outcome.result["validation"]["proof"]["requirement_tests"]
     assert kept["origin"] == "model" and kept["start"] == "ImportError"
@@ -224,13 +234,13 @@ def test_model_test_cannot_escape_or_overwrite(tmp_path):
     assert test is None and "does not parse" in why
 
 
-def test_model_test_failing_with_the_change_is_reported_not_trusted(sqlite_settings, sample_repo):
+def test_model_test_failing_with_the_change_is_reported_not_trusted(auto_settings, sample_repo):
     # A small model's test can be wrong; it must not veto a change the way a stated example
     # does. It is dropped, and the pull request says why.
     wrong = ("tests/test_whisper.py\n```python\nfrom textutil import whisper\n\n\n"
              "def test_whisper():\n    assert whisper(\"HI\") == \"HI!!!\"\n```\n")
     backend = ScriptedBackend(GOOD, tests=(wrong,))
-    outcome, body = run(sqlite_settings, sample_repo, backend, "Add a whisper(text) helper")
+    outcome, body = run(auto_settings, sample_repo, backend, "Add a whisper(text) helper")
     assert outcome.state == "succeeded", outcome.error
     proof = outcome.result["validation"]["proof"]
     assert proof["requirement_tests"] == []
@@ -255,7 +265,11 @@ def test_review_that_states_an_example_gets_a_requirement_test(sqlite_settings, 
     review = record_local_review(
         runtime.store, first.result["pull_request_id"], kind="changes_requested",
         body='Use a real ellipsis: whisper("HI") should return "hi…"', author="rev")
-    second = execute(runtime, review.revision_job_id)
+    wanted = review.revision  # recording starts nothing: the edge submits the revision
+    job_id, _ = jobs.submit_revision(runtime.store, request_id=wanted.request_id,
+                                     pull_request_id=wanted.pull_request_id,
+                                     feedback=wanted.feedback, key=wanted.key)
+    second = execute(runtime, job_id)
     # A wrong revision fails the reviewer's example; the retry passes it.
     assert second.state == "succeeded", second.error
     assert second.result["attempt"] == 2

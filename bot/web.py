@@ -1,7 +1,7 @@
 """The web server's composition root: each feature module contributes routes; this wires them.
 
 A feature module exposes `routes(ctx: WebContext) -> list[starlette.routing.BaseRoute]`
-(docs/architecture.md, "Parts"). Handlers only verify, store and enqueue (docs/architecture.md: acknowledge fast): they get the
+(docs/architecture.md). Handlers only verify, store and enqueue (docs/architecture.md): they get the
 store and an `enqueue_delivery` callable, never a backend or a forge client.
 """
 

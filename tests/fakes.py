@@ -1,4 +1,4 @@
-"""In-memory fakes at ports (docs/architecture.md: collaborators come in as arguments): a backend that answers from a script.
+"""In-memory fakes at ports (docs/architecture.md): a backend that answers from a script.
 
 Used where a test needs a particular model answer (no parsable edit, an edit into a
 protected path); the real model is used everywhere else.

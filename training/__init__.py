@@ -1,1 +1,1 @@
-"""Training: dataset building, LoRA fine-tuning and the evaluation gate (see docs/architecture.md)."""
+"""Training: dataset building, LoRA fine-tuning and the evaluation gate (docs/architecture.md)."""

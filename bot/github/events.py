@@ -1,4 +1,4 @@
-"""GitHub webhook payloads parsed into typed values at the edge (docs/architecture.md: parse at the edge).
+"""GitHub webhook payloads parsed into typed values at the edge (docs/architecture.md).
 
 `parse(event, payload)` returns one of the frozen dataclasses below, raises `Ignored` for a
 delivery codeloop does not act on, and `MalformedPayload` (a ValueError) for a payload

@@ -2,7 +2,7 @@
 
 A job that creates a pull request reports on its issue; a revision reports on the pull
 request and, when it ends, replies to each review comment it addressed. Texts are built by
-the pure `render_*` functions; the notifier only sends them (docs/architecture.md: the core decides, adapters act).
+the pure `render_*` functions; the notifier only sends them (docs/architecture.md).
 """
 
 from __future__ import annotations

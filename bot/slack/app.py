@@ -249,7 +249,7 @@ def _parse(content_type: str, body: bytes) -> dict:
 
 
 def routes(ctx) -> list:
-    """`POST /slack/events` for bot.web (one composition root, docs/architecture.md). Empty when Slack is not configured."""
+    """`POST /slack/events` for bot.web. Empty when Slack is not configured."""
     from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request

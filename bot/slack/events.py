@@ -1,4 +1,4 @@
-"""Slack payloads → typed values, at the edge (docs/architecture.md: parse at the edge).
+"""Slack payloads → typed values, at the edge (docs/architecture.md).
 
 `parse(kind, payload)` turns one stored delivery (an Events API callback, a slash command,
 a button click) into one of the values below. Nothing Slack-shaped goes further than this

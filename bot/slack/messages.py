@@ -1,4 +1,4 @@
-"""What codeloop says in Slack, decided apart from sending it (docs/architecture.md: the core decides, adapters act).
+"""What codeloop says in Slack, decided apart from sending it (docs/architecture.md).
 
 Each function takes plain values and returns `Reply(text, blocks)`; the notifier and the
 handler send them. `text` is the notification/fallback text, `blocks` the rich layout.

@@ -190,13 +190,22 @@ def _bwrap_argv(
     else:
         argv += ["--unshare-user", "--uid", str(uid), "--gid", str(gid), "--disable-userns",
                  "--cap-drop", "ALL"]
-    argv += ["--ro-bind", "/usr", "/usr"]
+    argv += ["--ro-bind", "/usr", "/usr", "--perms", "0755", "--dir", "/etc",
+             "--perms", "0755", "--dir", "/home"]
+    # The private /tmp and HOME first: what is bound read-only below may live under them on
+    # the host (a virtualenv in a clone under /tmp) and must not be hidden by them.
+    argv += [
+        "--proc", "/proc", "--dev", "/dev",
+        "--perms", "1777", "--tmpfs", "/dev/shm",
+        "--bind", str(root / "tmp"), "/tmp",
+        "--bind", str(root / "home"), HOME,
+    ]
     read_only = [*_python_roots(), *(os.path.realpath(p) for p in settings.read_only_paths)]
     # bubblewrap gives the directories it creates on the way the host's modes (/root is 0700):
     # create them traversable first, or the sandbox user could not reach what is bound below.
     parents = {str(parent) for path in read_only for parent in Path(path).parents}
-    parents |= {"/etc", "/home"}
-    for parent in sorted(parents - {"/"}, key=lambda p: p.count("/")):
+    for parent in sorted(parents - {"/", "/etc", "/home", "/tmp", HOME},
+                         key=lambda p: p.count("/")):
         argv += ["--perms", "0755", "--dir", parent]
     for name in _ROOT_LINKS:
         host = Path("/") / name
@@ -213,13 +222,7 @@ def _bwrap_argv(
              "--ro-bind", str(root / "group"), "/etc/group"]
     for path in read_only:
         argv += ["--ro-bind", path, path]
-    argv += [
-        "--proc", "/proc", "--dev", "/dev",
-        "--perms", "1777", "--tmpfs", "/dev/shm",
-        "--bind", str(root / "tmp"), "/tmp",
-        "--bind", str(root / "home"), HOME,
-        "--bind", str(workdir), WORKSPACE,
-    ]
+    argv += ["--bind", str(workdir), WORKSPACE]
     if env_dir is not None:
         argv += ["--bind" if env_writable else "--ro-bind", str(env_dir), ENV_DIR]
     argv += ["--chdir", WORKSPACE, "--"]

@@ -133,6 +133,8 @@ def world(tmp_path) -> World:
         CODELOOP_BACKEND__KIND="openai", CODELOOP_BACKEND__MODEL="scripted",
         CODELOOP_BACKEND__MAX_RETRIES="0", CODELOOP_PIPELINE__PREFILL="off",
         CODELOOP_PIPELINE__MAX_ATTEMPTS="1", CODELOOP_SANDBOX__TIMEOUT_SECONDS="60",
+        # One answer per attempt, no model-written test: each test is about one attack.
+        CODELOOP_PIPELINE__CANDIDATES="1", CODELOOP_PIPELINE__REQUIREMENT_TESTS="off",
         CODELOOP_GITHUB__TOKEN=GH_TOKEN, CODELOOP_SLACK__BOT_TOKEN=SLACK_TOKEN,
         CODELOOP_GITHUB__PRIVATE_KEY_PATH=str(key_file), AWS_SECRET_ACCESS_KEY=HOST_SECRET,
     )
@@ -162,9 +164,16 @@ def _published(world: World) -> bool:
 
 
 def _sandbox_output(world: World) -> str:
+    """What the attack test printed in the sandbox (the tests check of every validation)."""
+    import json
+
     with sqlite3.connect(world.db) as db:
         rows = db.execute("SELECT output FROM job_stages WHERE name LIKE 'validate-%'").fetchall()
-    return "\n".join(str(r[0]) for r in rows)
+    out = []
+    for (raw,) in rows:
+        checks = (json.loads(raw or "{}").get("validation") or {}).get("checks") or []
+        out += [c["output"] for c in checks if c["name"] == "tests"]
+    return "\n".join(out)
 
 
 def _finish(world: World) -> None:

@@ -135,3 +135,20 @@ def test_secret_never_enters_the_sandbox_environment(tmp_path, monkeypatch):
     result = run_sandboxed("env; cat /proc/1/environ | tr '\\0' '\\n'", work, SandboxSettings())
     assert "ghp_secretvalue" not in result.output and "GITHUB_TOKEN" not in result.output
     assert Path("/proc/self/environ").exists()
+
+
+def test_read_only_paths_under_tmp_stay_visible(tmp_path):
+    """A clone (and its virtualenv) may live under /tmp on the host, as CI's does: the
+    sandbox's private /tmp must not hide what is bound read-only beneath it."""
+    tool = tmp_path / "toolchain"
+    tool.mkdir()
+    (tool / "VERSION").write_text("1.2.3\n")
+    work = tmp_path / "w"
+    work.mkdir()
+    settings = SandboxSettings(read_only_paths=[tool])
+    result = run_sandboxed(f"cat {tool}/VERSION; touch {tool}/x || echo read-only; "
+                           "ls /tmp | wc -l", work, settings)
+    assert result.ok, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "1.2.3" and "read-only" in lines
+    assert not (tool / "x").exists()

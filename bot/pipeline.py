@@ -802,7 +802,9 @@ def _plan_prompt(ports: Ports, workdir: Path, paths: list[str], requirement: str
     modes: list[str] = []
     if target is not None:
         plan["target"] = target.path
-        found = find_definition(target.text, requirement) if target.path.endswith(".py") else None
+        # A revision changes what its review asks for, not what the first request named.
+        wanted = feedback or requirement
+        found = find_definition(target.text, wanted) if target.path.endswith(".py") else None
         if found is not None:
             # The answer starts inside the body, indented: the model writes code, not a fence.
             lines = target.text.splitlines()

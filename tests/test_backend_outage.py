@@ -67,7 +67,9 @@ def test_job_waits_for_the_model_server_and_resumes_once_it_is_back(
         assert "waiting for the model server" in job.error
         assert "connection refused" in job.error
         assert "try 2 of 6" in job.error
-    assert ("generate", "failed") in [(n.split("-")[0], st) for n, st in stage_rows(runtime.store, sub.job_id)]
+    # The first stage that needs the server (the prompt asks it for the model's context
+    # window) is the one that waits; nothing before it is redone.
+    assert ("prompt", "failed") in stage_rows(runtime.store, sub.job_id)
     assert "codeloop/" not in git_out(sample_repo, "branch", "--list", "codeloop/*")
 
     # Not before its time: a second worker (or the recovery sweep) leaves it alone.

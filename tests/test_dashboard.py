@@ -131,7 +131,7 @@ def test_log_in_and_see_jobs_pull_requests_and_models(dashboard, browser):
     page.wait_for_selector("table#stages")
     stages = page.locator("table#stages tbody tr")
     names = [stages.nth(i).locator("td").first.inner_text() for i in range(stages.count())]
-    assert names[:5] == ["workspace", "context", "prompt", "requirement-test", "generate-1"]
+    assert names[:5] == ["workspace", "context", "prompt", "generate-1", "validate-1"]
     assert names[-1] == "publish"
     took = page.locator("table#stages tbody tr").first.locator("td").nth(3).inner_text()
     assert took.endswith(("ms", " s", "min"))

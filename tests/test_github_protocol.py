@@ -9,6 +9,8 @@ runs the handler; the model answer is scripted at the Backend port.
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from sqlalchemy import func, select
 
@@ -293,17 +295,21 @@ def test_labels_issue_state_branches_dismissals_and_thread_replies(env):
         kinds = sorted(s.scalars(select(ReviewSignal.kind)).all())
     assert kinds == ["dismissed", "line_comment"]
     assert "reply inside a review thread" in notes(env)["d-rep"]
-    # A merge into a release branch is not training material.
-    other = env.fake.open_issue(env.repo, "Backport", "to 1.x", "bob")
-    env.repo.issues[other]["pull"] = True
-    env.repo.pulls[other] = {"id": env.fake.next_id(), "head": "main", "base": "main",
-                             "state": "closed", "merged": True}
-    payload = pull_event(env, "closed", other, "bob", merged=True,
-                         merged_at="2026-11-29T10:00:00Z",
-                         base={"ref": "release-1.x", "sha": "0" * 40})
-    env.deliver("pull_request", payload)
-    env.work()
-    assert count(env, MergedChange) == 0
+    # A merge into a release branch is stored with its branch; the dataset leaves it out
+    # (only the default branch and `.codeloop.yml` training_branches are training material).
+    from datetime import datetime, timezone
+
+    from tests.github_history import git as git_in, merge, person_pr
+
+    env.repo.permissions["bob"] = "write"
+    work = env.repo.path.parent / "bob-work"
+    subprocess.run(["git", "clone", "-q", str(env.repo.path), str(work)], check=True)
+    git_in(work, "push", "-q", "origin", "main:release-1.x")
+    other = person_pr(env, work, "backport", "release-1.x", "BACKPORT.txt", "1.x\n",
+                      "Backport", "to 1.x")
+    merge(env, other, datetime(2026, 11, 29, 10, 0, tzinfo=timezone.utc), sender="bob")
+    with env.runtime.store.session() as s:
+        assert s.scalars(select(MergedChange.base_ref)).all() == ["release-1.x"]
 
 
 # ---------------------------------------------------------------- item 4

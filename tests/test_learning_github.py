@@ -38,7 +38,8 @@ def test_a_github_repository_dataset_comes_from_the_mirror_with_githubs_facts(tm
     assert f"merged:{h.d}" not in examples
     assert card["dropped_by_reason"].get("not_training_branch") == 1, card
     assert card["training_branches"] == ["main"]
-    assert card["confirmed_by_forge"] == {"confirmed": 4}
+    # The webhook stored each merge's branch and time: nothing had to be asked of GitHub.
+    assert card["confirmed_by_forge"] == {}
     # The mirror was brought up to date before the build: C's whole-file answer is read there.
     ex_c = examples[f"merged:{h.c}"]
     assert ex_c.completion.startswith("names.py\n```python\n") and "def initials" in ex_c.completion

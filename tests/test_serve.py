@@ -77,7 +77,9 @@ def test_sigterm_leaves_the_running_job_to_the_queue(tmp_path, sample_repo):
         env = cli_env(settings)
         env.update(CODELOOP_BACKEND__KIND="openai", CODELOOP_BACKEND__BASE_URL=base_url,
                    CODELOOP_WEB__PORT=str(port),
-                   CODELOOP_OPS__LOG_FORMAT="json", CODELOOP_PIPELINE__PREFILL="off")
+                   CODELOOP_OPS__LOG_FORMAT="json", CODELOOP_PIPELINE__PREFILL="off",
+                   # One answer, validated in the job's own thread: what SIGTERM meets.
+                   CODELOOP_PIPELINE__CANDIDATES="1", CODELOOP_PIPELINE__REQUIREMENT_TESTS="off")
         queued = subprocess.run(
             [sys.executable, "-m", "bot.cli", "run", "--queue", "Add a whisper(text) helper",
              "--repo", str(sample_repo)], env=env, capture_output=True, text=True, timeout=120)

@@ -524,7 +524,9 @@ class GitHubHandler:
     def _closed(self, ev: events.PullRequestClosed) -> int | None:
         found = self._bot_pr(ev.repo, ev.number)
         stored_merge = False
-        if ev.merged and self._keeps_merged(ev.repo) and self._into_default(ev):
+        # Every merge is stored with the branch it went into; which branches are training
+        # material is the dataset's decision (`.codeloop.yml` `training_branches`).
+        if ev.merged and self._keeps_merged(ev.repo):
             stored_merge = self._store_merged(ev, found[0] if found else None)
         if found is None:
             if stored_merge:
@@ -570,14 +572,6 @@ class GitHubHandler:
             author=ev.sender or None,
         )
         return request_id
-
-    def _into_default(self, ev: events.PullRequestClosed) -> bool:
-        """Only merges into the default branch are training material (not release branches)."""
-        if ev.default_branch is None or ev.base_ref == ev.default_branch:
-            return True
-        log.info("%s#%s: merged into %s, not the default branch %s: not stored",
-                 ev.repo, ev.number, ev.base_ref, ev.default_branch)
-        return False
 
     def _keeps_merged(self, repo: str) -> bool:
         wanted = self.settings.github.merged_repos
@@ -626,6 +620,7 @@ class GitHubHandler:
                         issue_body=issue_body,
                         diff=diff,
                         base_sha=ev.base_sha,
+                        base_ref=ev.base_ref or None,
                         merge_sha=ev.merge_sha,
                         author=ev.author or None,
                         by_bot=pr_id is not None,

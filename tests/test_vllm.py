@@ -129,7 +129,10 @@ def test_a_worker_keeps_several_jobs_in_flight_against_vllm(vllm_server, tmp_pat
     settings = make_settings(tmp_path / "home", backend=backend)
     env = cli_env(settings)
     env.update(CODELOOP_BACKEND__KIND="openai", CODELOOP_BACKEND__BASE_URL=vllm_server.base_url,
-               CODELOOP_BACKEND__MODEL=SERVED, CODELOOP_QUEUE__WORKERS="3")
+               CODELOOP_BACKEND__MODEL=SERVED, CODELOOP_QUEUE__WORKERS="3",
+               # Each job's first generation is its change (no model-written test before it,
+               # one candidate), so the three jobs' generations line up in time.
+               CODELOOP_PIPELINE__REQUIREMENT_TESTS="off", CODELOOP_PIPELINE__CANDIDATES="1")
     words = ["vowels", "spaces", "digits"]
     for word in words:
         repo = make_sample_repo(tmp_path / f"repo-{word}")

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from bot.sandbox import run_sandboxed, self_test
+from bot.sandbox import _python_roots, run_sandboxed, self_test
 from bot.scrub import Scrubber, variants
 from bot.settings import SandboxSettings
 
@@ -52,8 +52,12 @@ def test_inside_the_sandbox(tmp_path):
         assert uid <= int(lines[0]) < uid + 1024
     assert lines[1] == "codeloop-sandbox" and lines[2] == "mine"
     root = set(lines[3:lines.index(next(x for x in lines if x.startswith("CapEff")))])
+    # The system's directories, the copy, and the top of codeloop's own Python installation
+    # (bound read-only wherever the host keeps it: /root/.pyenv here, /check/... in CI).
+    python_tops = {Path(p).parts[1] for p in _python_roots()}
     assert root <= {"bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "proc",
-                    "root", "sbin", "tmp", "usr", "work", "workspace", "opt"}, root
+                    "sbin", "tmp", "usr", "workspace"} | python_tops, root
+    assert "run" not in root and "var" not in root and "srv" not in root
     assert "CapEff:\t0000000000000000" in lines and "CapBnd:\t0000000000000000" in lines
     assert "NoNewPrivs:\t1" in lines
     assert int(lines[lines.index("NoNewPrivs:\t1") + 1]) <= 4  # only the sandbox's processes

@@ -43,7 +43,7 @@ from bot.settings import (  # noqa: E402
 )
 from bot.store.models import JobStage  # noqa: E402
 from bot.validate import run_tests  # noqa: E402
-from inference.context import is_test_path  # noqa: E402
+from inference.paths import is_test_path  # noqa: E402
 
 SOURCE_EXT = (".py",)
 

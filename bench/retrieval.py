@@ -1,11 +1,14 @@
-"""Benchmark repository retrieval (inference/context.py) on a real git history.
+"""Benchmark repository retrieval (inference/context.py and the modules it uses) on a real
+git history.
 
     python bench/retrieval.py REPO_PATH [--commits 100] [--sample 30]
 
 Works on a temporary clone; REPO_PATH is never modified. Prints one table:
 
-- full index time (empty cache) and the incremental re-index after changing 10 files;
-- query latency p50/p99 over the messages of the last non-merge commits;
+- full index time (empty cache) and the incremental re-index after changing 10 files, each
+  in a fresh process;
+- query latency p50/p99 over the messages of the last non-merge commits, in a fresh process
+  right after its re-index (the first query included) and in a warm one;
 - recall@5 / recall@10: for a sample of those commits, the tree at the commit's parent is
   indexed and the commit message is the query; the answer is the set of files the commit
   modified or deleted (files it added cannot be retrieved). codeloop's ranking is compared
@@ -32,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.context import RankWeights, RepoIndex
+from inference.context import RepoIndex
+from inference.rank import RankWeights
 
 _WORD_RE = re.compile(r"(?u)\b\w\w+\b")  # bm25s.tokenize's default pattern
 NO_BOOSTS = RankWeights(
@@ -113,21 +117,33 @@ from pathlib import Path
 from bot.pipeline import _slug
 from inference.context import RepoIndex
 home, repo, query, k = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+queries = json.loads(Path(sys.argv[5]).read_text()) if len(sys.argv) > 5 else []
 d = home / "index" / _slug(str(repo))
 index = RepoIndex(d)
 s = index.update(repo)
 ranked = [r.path for r in index.rank(query, k=k)] if query else []
+latencies = []
+for q in queries:
+    t = time.perf_counter()
+    index.rank(q, k=10)
+    latencies.append((time.perf_counter() - t) * 1000)
 print(json.dumps({"seconds": s.seconds, "read": s.files_read, "total": s.files_total,
                   "indexed": s.files_indexed, "skipped": s.files_skipped, "dir": str(d),
-                  "ranked": ranked}))
+                  "ranked": ranked, "latencies": latencies}))
 """
 
 
-def fresh_update(home: Path, repo: Path, query: str = "", k: int = 10) -> dict:
-    """`RepoIndex.update` in a new Python process, in the pipeline's index directory."""
+def fresh_update(home: Path, repo: Path, query: str = "", k: int = 10,
+                 queries: list[str] | None = None) -> dict:
+    """`RepoIndex.update` in a new Python process, in the pipeline's index directory; then,
+    when `queries` are given, each one ranked once in that process, in order."""
     root = Path(__file__).resolve().parents[1]
+    extra = []
+    if queries:
+        extra = [str(home / "queries.json")]
+        (home / "queries.json").write_text(json.dumps(queries))
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(home), str(repo), query, str(k)],
+        [sys.executable, "-c", _CHILD, str(home), str(repo), query, str(k), *extra],
         check=True, capture_output=True, text=True, cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
     ).stdout
@@ -187,14 +203,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"{full['seconds'] / max(inc['seconds'], 1e-9):.1f}× faster than full",
             )
         )
-        noop = fresh_update(home, clone)
+        commits = recent_commits(clone, args.commits)
+        noop = fresh_update(home, clone, queries=[c.message for c in commits])
         rows.append(("re-index, nothing changed (fresh process)",
                      f"{noop['seconds']:.2f} s ({noop['read']} read)"))
+        first, lat = noop["latencies"][:1], noop["latencies"]
+        rows.append(
+            (
+                f"query latency in that fresh process, {len(lat)} commit messages",
+                f"first {first[0] if first else float('nan'):.1f} ms, "
+                f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms",
+            )
+        )
         git(clone, "checkout", "-q", "--force", "HEAD")
 
         # ---------------------------------------------------- query latency at HEAD
         index.update(clone)
-        commits = recent_commits(clone, args.commits)
         latencies = []
         for c in commits:
             t = time.perf_counter()
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             latencies.append((time.perf_counter() - t) * 1000)
         rows.append(
             (
-                f"query latency over {len(commits)} commit messages",
+                f"query latency over {len(commits)} commit messages (warm process)",
                 f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms",
             )
         )

@@ -133,6 +133,7 @@ def build_prompt(
 # ---------------------------------------------------------------- fitting the budget
 
 TOKENS_PER_MESSAGE = 8  # what a chat template adds around each message, at most
+TRUNCATION_MARKER = "... (truncated)"  # the last line of a file cut to fit
 
 
 class PromptTooLong(ValueError):
@@ -174,9 +175,11 @@ def shorten(text: str, max_tokens: int, count_tokens: Callable[[str], int],
     return cut(lo)
 
 
-def _cut_doc(doc: ContextDoc, max_tokens: int, count_tokens: Callable[[str], int],
-             marker: str) -> ContextDoc | None:
-    lines = doc.text.splitlines(keepends=True)
+def truncate_lines(text: str, budget: int, count_tokens: Callable[[str], int],
+                   marker: str = TRUNCATION_MARKER) -> str | None:
+    """The longest line prefix of `text` that, with the `marker` line, fits `budget` tokens;
+    None when not even one line does."""
+    lines = text.splitlines(keepends=True)
 
     def cut(n: int) -> str:
         head = "".join(lines[:n])
@@ -184,14 +187,25 @@ def _cut_doc(doc: ContextDoc, max_tokens: int, count_tokens: Callable[[str], int
             head += "\n"
         return head + marker + "\n"
 
-    lo, hi = 0, len(lines)
+    # Gallop to the first prefix that does not fit, then bisect: the strings counted stay
+    # near the budget's size even when the text is much larger.
+    lo, hi = 0, 1  # cut(lo) fits (or lo == 0); look for the last n in [lo, hi] that fits
+    while hi <= len(lines) and count_tokens(cut(hi)) <= budget:
+        lo, hi = hi, hi * 2
+    hi = min(hi - 1, len(lines))
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if count_tokens(cut(mid)) <= max_tokens:
+        if count_tokens(cut(mid)) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    return ContextDoc(doc.path, cut(lo), truncated=True) if lo > 0 else None
+    return cut(lo) if lo > 0 else None
+
+
+def _cut_doc(doc: ContextDoc, max_tokens: int, count_tokens: Callable[[str], int],
+             marker: str) -> ContextDoc | None:
+    text = truncate_lines(doc.text, max_tokens, count_tokens, marker)
+    return ContextDoc(doc.path, text, truncated=True) if text is not None else None
 
 
 @dataclass
@@ -217,7 +231,7 @@ def fit_prompt(
     count_tokens: Callable[[str], int],
     context: list[ContextDoc],
     keep: tuple[str, ...] = (),
-    marker: str = "... (truncated)",
+    marker: str = TRUNCATION_MARKER,
     **kwargs,
 ) -> Fitted:
     """`build_prompt(context=..., **kwargs)` packed into `budget_tokens`.

@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from inference.context import (
-    TRUNCATION_MARKER,
-    ContextError,
-    IndexOptions,
-    RankWeights,
-    RepoIndex,
-    ScoredFile,
-    index_repository,
-    pack,
-)
+from inference.context import RepoIndex, index_repository, pack
+from inference.index import ContextError, IndexOptions
+from inference.prompts import TRUNCATION_MARKER
+from inference.rank import RankWeights, ScoredFile
 
 
 def git(repo: Path, *args: str) -> str:

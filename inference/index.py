@@ -1,0 +1,255 @@
+"""What the index knows about a repository: which files git lists, which of them a model
+should read, and per file its line windows ("chunks") with BM25 tokens and the symbols it
+defines.
+
+`list_repository` lists tracked files with their blob ids and untracked files that are not
+ignored; `analyse` turns one file's bytes into a `FileAnalysis`. Assembling the analyses into
+the ranking matrix, and keeping it on disk, is `inference/corpus.py`'s work.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.git import HARDENING
+from inference.paths import GENERATED_SUFFIXES, LOCK_NAMES, VENDORED_DIRS
+from inference.tokens import Tokenizer
+
+
+class ContextError(RuntimeError):
+    """The repository could not be listed (not a git work tree, git failed)."""
+
+
+# ---------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """What the index skips and how it cuts files into chunks."""
+
+    max_file_bytes: int = 500_000
+    chunk_lines: int = 60
+    binary_probe_bytes: int = 8192
+    generated_probe_lines: int = 5
+    vendored_dirs: frozenset[str] = VENDORED_DIRS
+    lock_names: frozenset[str] = LOCK_NAMES
+    generated_suffixes: tuple[str, ...] = GENERATED_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A window of lines of one file and its BM25 tokens (lines are 1-based, inclusive)."""
+
+    start_line: int
+    end_line: int
+    tokens: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FileAnalysis:
+    """What the index keeps for one blob; `skip` is set when the content rules it out."""
+
+    skip: str | None = None  # "binary" | "generated" | None
+    lines: int = 0
+    symbols: tuple[str, ...] = ()
+    chunks: tuple[Chunk, ...] = ()
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """A file in the index: its repository-relative path, git blob id and analysis."""
+
+    path: str
+    blob: str
+    analysis: FileAnalysis
+
+
+@dataclass
+class IndexStats:
+    """What one `update` did. `files_read` counts files read and analysed this time."""
+
+    files_total: int
+    files_indexed: int
+    files_read: int
+    files_skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- symbols
+
+_SYMBOL_RE = re.compile(
+    r"^[ \t]{0,4}(?:(?:export|default|public|private|protected|internal|static|final|abstract"
+    r"|async|pub(?:\([^)]*\))?|unsafe|extern|inline|virtual|override|sealed|partial|open|data)"
+    r"\s+)*(?:def|class|function\*?|func|fn|struct|enum|trait|interface|type|module|object"
+    r"|record|protocol)\s+(?:\([^)]*\)\s*)?([A-Za-z_$][\w$]*)",
+    re.MULTILINE,
+)
+_JS_CONST_FN_RE = re.compile(
+    r"^(?:export\s+)?(?:const|let|var)\s+([A-Za-z_$][\w$]*)\s*=\s*(?:async\s*)?(?:function\b|\([^)]*\)\s*=>|[A-Za-z_$][\w$]*\s*=>)",
+    re.MULTILINE,
+)
+_SHELL_FN_RE = re.compile(r"^(?:function\s+)?([A-Za-z_][\w-]*)\s*\(\)\s*\{", re.MULTILINE)
+
+
+def _python_symbols(text: str) -> tuple[str, ...] | None:
+    """Top-level functions and classes, and the methods of top-level classes; None when
+    the text does not parse as Python."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    names: list[str] = []
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    for node in tree.body:
+        if isinstance(node, defs):
+            names.append(node.name)
+            if isinstance(node, ast.ClassDef):
+                names.extend(
+                    sub.name
+                    for sub in node.body
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and not sub.name.startswith("__")
+                )
+    return tuple(dict.fromkeys(names))
+
+
+def _regex_symbols(text: str) -> tuple[str, ...]:
+    names = [m.group(1) for m in _SYMBOL_RE.finditer(text)]
+    names += [m.group(1) for m in _JS_CONST_FN_RE.finditer(text)]
+    names += [m.group(1) for m in _SHELL_FN_RE.finditer(text)]
+    return tuple(dict.fromkeys(names))
+
+
+def extract_symbols(text: str, path: str) -> tuple[str, ...]:
+    """Names a file defines: Python through `ast`, other languages (and Python that does not
+    parse) through a line-anchored regex for def/class/function/fn/struct/... forms."""
+    if path.endswith((".py", ".pyi")):
+        found = _python_symbols(text)
+        if found is not None:
+            return found
+    return _regex_symbols(text)
+
+
+# ---------------------------------------------------------------- analysis
+
+_GENERATED_RE = re.compile(
+    r"do not edit|@generated|auto-?generated|generated by|code generated|this file (?:is|was) generated",
+    re.IGNORECASE,
+)
+
+
+def analysis_key(blob: str, path: str) -> str:
+    """What an analysis is cached under: symbols depend on the language as well as the
+    content."""
+    return blob + (".py" if path.endswith((".py", ".pyi")) else "")
+
+
+def analyse(data: bytes, path: str, options: IndexOptions, tokenizer: Tokenizer) -> FileAnalysis:
+    """Analyse one file's bytes: skip reasons that depend on content, chunks and symbols."""
+    if b"\0" in data[: options.binary_probe_bytes]:
+        return FileAnalysis(skip="binary")
+    text = data.decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    if _GENERATED_RE.search("\n".join(lines[: options.generated_probe_lines])):
+        return FileAnalysis(skip="generated")
+    size = options.chunk_lines
+    starts = list(range(0, len(lines), size))
+    # A short tail joins the chunk before it rather than standing alone.
+    if len(starts) > 1 and len(lines) - starts[-1] < size // 3:
+        starts.pop()
+    chunks = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(lines)
+        tokens = tokenizer("\n".join(lines[start:end]))
+        chunks.append(Chunk(start + 1, end, tuple(tokens)))
+    return FileAnalysis(
+        skip=None, lines=len(lines), symbols=extract_symbols(text, path), chunks=tuple(chunks)
+    )
+
+
+# ---------------------------------------------------------------- git listing
+
+
+def _git(repo_dir: Path, *commands: tuple[str, ...], stdin: bytes | None = None) -> list[bytes]:
+    """The outputs of git `commands` in `repo_dir`, run at the same time, as raw bytes (paths
+    need not be UTF-8, and `-z` output must reach us untranslated). Runs with bot/git.py's
+    hardening options; bot/git.py's own wrapper decodes text, which these outputs are not."""
+    procs = [
+        subprocess.Popen(
+            ["git", *HARDENING, "-C", str(repo_dir), *args],
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for args in commands
+    ]
+    outs = [proc.communicate(stdin) for proc in procs]
+    for args, proc, (_, err) in zip(commands, procs, outs):
+        if proc.returncode != 0:
+            text = err.decode("utf-8", "replace").strip()
+            raise ContextError(f"git {' '.join(args[:2])} in {repo_dir}: {text}")
+    return [out for out, _ in outs]
+
+
+def _split_z(out: bytes) -> list[str]:
+    return [p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p]
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    path: str
+    mode: str  # git mode, "100644" for untracked regular files
+    blob: str | None  # None: hash the working-tree file
+
+
+def list_repository(repo_dir: Path) -> list[ListedFile]:
+    """Tracked files with their blob ids (files changed in the working tree get no id, so
+    they are hashed again), and untracked files that .gitignore does not exclude."""
+    stage_out, deleted_out, modified_out, other_out = _git(
+        repo_dir,
+        ("ls-files", "-s", "-z"),
+        ("ls-files", "-d", "-z"),
+        ("ls-files", "-m", "-z"),
+        ("ls-files", "-o", "--exclude-standard", "-z"),
+    )
+    staged: dict[str, ListedFile] = {}
+    for entry in _split_z(stage_out):
+        meta, _, path = entry.partition("\t")
+        mode, blob, stage = meta.split(" ")
+        if stage != "0":  # a merge conflict: what counts is the working-tree file
+            blob = None
+        staged[path] = ListedFile(path, mode, blob)
+    deleted = set(_split_z(deleted_out))
+    modified = set(_split_z(modified_out))
+    listed = []
+    for path, item in staged.items():
+        if path in deleted:
+            continue
+        if path in modified and item.mode != "160000":
+            item = ListedFile(path, item.mode, None)
+        listed.append(item)
+    for path in _split_z(other_out):
+        if path.endswith("/"):  # a nested repository
+            listed.append(ListedFile(path.rstrip("/"), "160000", None))
+            continue
+        full = repo_dir / path
+        mode = "120000" if full.is_symlink() else "100644"
+        listed.append(ListedFile(path, mode, None))
+    listed.sort(key=lambda item: item.path)
+    return listed
+
+
+def hash_paths(repo_dir: Path, paths: Sequence[str]) -> dict[str, str]:
+    """The blob id of each working-tree file in `paths`."""
+    if not paths:
+        return {}
+    stdin = "".join(p + "\n" for p in paths).encode("utf-8", "surrogateescape")
+    ids = _git(repo_dir, ("hash-object", "--stdin-paths"), stdin=stdin)[0].decode().split()
+    return dict(zip(paths, ids, strict=True))

@@ -51,17 +51,13 @@ class Lookup:
 
     @classmethod
     def build(cls, pairs: Iterable[tuple[str, int]]) -> Lookup:
-        """From (key, file) pairs with files ascending."""
-        keys: list[str] = []
-        ptr = [0]
-        files: list[int] = []
-        for key, i in sorted(pairs, key=lambda kv: kv[0]):  # stable: files stay ascending
-            if not keys or keys[-1] != key:
-                keys.append(key)
-                ptr.append(ptr[-1])
-            files.append(i)
-            ptr[-1] += 1
-        return cls(keys, np.array(ptr, dtype=_I64), np.array(files, dtype=_I64))
+        """From (key, file) pairs."""
+        ordered = sorted(pairs)  # by key, then file
+        every = [key for key, _ in ordered]
+        keys = list(dict.fromkeys(every))
+        counts = Counter(every)
+        ptr = np.concatenate([[0], np.cumsum([counts[k] for k in keys], dtype=_I64)])
+        return cls(keys, ptr.astype(_I64), np.array([i for _, i in ordered], dtype=_I64))
 
     def get(self, key: str, default: list[int] | None = None) -> list[int]:
         j = bisect_left(self.keys, key)
@@ -344,20 +340,33 @@ def assemble(
     doc_len = np.bincount(term_docs, weights=term_tf, minlength=n_docs).astype(_I64)
 
     paths = [p for p, _ in files]
-    is_test = np.array([is_test_path(p) for p in paths], dtype=bool)
-    pairs = [(s, t) for s, ts in _pair_tests(paths, _by_stem(paths), is_test).items() for t in ts]
-    names = Lookup.build((PurePosixPath(p).name.lower(), i) for i, p in enumerate(paths))
-    stems = Lookup.build((PurePosixPath(p).stem.lower(), i) for i, p in enumerate(paths))
-    defined = Lookup.build((sym, i) for i, names in enumerate(symbols) for sym in names
-                           if len(sym) >= 3 and not sym.startswith("__"))
+    if paths == old.paths:  # only contents changed: what depends on paths alone stays
+        is_test, test_pairs, by_name, by_stem = old.is_test, old.test_pairs, old.by_name, old.by_stem
+    else:
+        is_test = np.array([is_test_path(p) for p in paths], dtype=bool)
+        tests_for = _pair_tests(paths, _by_stem(paths), is_test)
+        test_pairs = np.array([(s, t) for s, ts in tests_for.items() for t in ts], dtype=_I64)
+        names = [p.rpartition("/")[2] for p in paths]
+        by_name = Lookup.build((name.lower(), i) for i, name in enumerate(names))
+        by_stem = Lookup.build((_stem(name).lower(), i) for i, name in enumerate(names))
+    if symbols == old.symbols:
+        by_symbol = old.by_symbol
+    else:
+        by_symbol = Lookup.build((sym, i) for i, defined in enumerate(symbols) for sym in defined
+                                 if len(sym) >= 3 and not sym.startswith("__"))
     return Corpus(
-        by_name=names, by_stem=stems, by_symbol=defined,
+        by_name=by_name, by_stem=by_stem, by_symbol=by_symbol,
         paths=paths, blobs=[b for _, b in files], lines=lines, symbols=symbols,
         doc_ptr=doc_ptr, spans=spans_new, doc_len=doc_len, vocab=vocab,
         term_ptr=term_ptr.astype(_I64), term_docs=term_docs, term_tf=term_tf,
-        is_test=is_test, test_pairs=np.array(pairs, dtype=_I64).reshape(-1, 2),
-        skipped=dict(skipped),
+        is_test=is_test, test_pairs=test_pairs.reshape(-1, 2), skipped=dict(skipped),
     )
+
+
+def _stem(name: str) -> str:
+    """A file name without its extension, as `PurePosixPath(name).stem` gives it."""
+    i = name.rfind(".")
+    return name[:i] if 0 < i < len(name) - 1 else name
 
 
 # ---------------------------------------------------------------- the file on disk

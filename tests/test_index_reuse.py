@@ -56,3 +56,25 @@ def test_a_fresh_process_reuses_the_index_and_reads_only_what_changed(tmp_path):
     expected = [(r.path, r.score) for r in full.rank("zanzibar merge sessions", k=5)]
     assert [tuple(x) for x in third["ranked"]] == expected  # as a full re-index ranks
     assert {"pkg/mod3.py", "pkg/new.py"} <= {p for p, _ in third["ranked"]}  # new text found
+
+
+def test_a_renamed_file_keeps_its_counts_under_its_new_path(tmp_path):
+    files = {f"pkg/mod{i}.py": f"def helper_{i}(value):\n    return value * {i}\n"
+             for i in range(10)}
+    files["billing/ledger.py"] = "def post_entry(ledger, amount):\n    return ledger + amount\n"
+    files["docs/accounts.md"] = "Each entry in the accounts ledger is posted once.\n"
+    repo = make_repo(tmp_path / "repo", files)
+    home = tmp_path / "index"
+    fresh(home, repo, "ledger", seed="1")
+    # Moved to a directory whose name is a word of the query: the path counts change, the
+    # content is not read again.
+    (repo / "accounts").mkdir()
+    subprocess.run(["git", "mv", "billing/ledger.py", "accounts/ledger_entries.py"], cwd=repo,
+                   check=True)
+    moved = fresh(home, repo, "post an entry to the accounts ledger", seed="2")
+    assert moved["read"] == 0
+    full = RepoIndex(tmp_path / "scratch")
+    full.update(repo)
+    expected = [(r.path, r.score) for r in full.rank("post an entry to the accounts ledger", k=5)]
+    assert [tuple(x) for x in moved["ranked"]] == expected
+    assert "accounts/ledger_entries.py" in [p for p, _ in expected]

@@ -322,7 +322,7 @@ def assemble(
     k_docs = doc_map[old.term_docs[keep]]
     k_tf = old.term_tf[keep]
     if a_terms:
-        position = {t: i for i, t in enumerate(vocab)}
+        position = {t: bisect_left(vocab, t) for t in set(a_terms)}
         n = len(a_terms)
         a_cols = np.fromiter(map(position.__getitem__, a_terms), dtype=_I64, count=n)
         a_docs_arr = np.array(a_docs, dtype=_I64)

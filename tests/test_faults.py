@@ -22,7 +22,7 @@ from bot.demo import DEMO_REQUIREMENT
 from bot.runtime import build_runtime, execute
 from bot.store.db import Store
 from bot.store.models import Job, JobStage, PullRequest, Revision
-from tests.conftest import cli_env, git_out, make_settings
+from tests.support import cli_env, git_out, make_settings
 
 pytestmark = pytest.mark.model
 

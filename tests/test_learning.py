@@ -17,7 +17,7 @@ from bot.runtime import build_queue, build_runtime
 from bot.settings import TrainingSettings
 from bot.store.db import Store
 from bot.store.models import MergedChange, TrainingRun
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.learning_history import PEOPLE, append_function, git, make_history
 from training import registry, schedule
 from training.dataset import build_dataset, import_git_history
@@ -258,7 +258,7 @@ def test_schedule_commands(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import cli_env
+    from tests.support import cli_env
 
     settings = make_settings(tmp_path / "home")
     env = cli_env(settings)

@@ -14,7 +14,7 @@ import pytest
 from bot.ports import GenerationParams, Message
 from bot.settings import BackendSettings, TrainingSettings
 from bot.store.db import Store
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.learning_history import make_history
 from tests.test_vllm import backend_for
 from training import registry
@@ -157,7 +157,7 @@ def test_a_training_run_through_the_queue_trains_gates_and_reports(tmp_path, emb
     import sys
 
     from bot.runtime import build_queue, build_runtime
-    from tests.conftest import cli_env
+    from tests.support import cli_env
     from training import schedule
 
     training = TrainingSettings(max_seq_len=512, holdout_share=0.3, grad_accum=1, max_steps=2,
@@ -242,7 +242,7 @@ def test_a_worker_killed_during_a_training_run_another_worker_finishes_it(tmp_pa
 
     from bot.runtime import build_queue, build_runtime
     from bot.store.models import TrainingRun
-    from tests.conftest import cli_env
+    from tests.support import cli_env
     from training import schedule
 
     settings = make_settings(tmp_path / "home", db_url,

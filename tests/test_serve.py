@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from bot.store.db import Store
 from bot.store.models import Job, JobStage
-from tests.conftest import cli_env, git_out, make_settings
+from tests.support import cli_env, git_out, make_settings
 from tests.fakes import ScriptedBackend
 from tests.openai_server import Faults, serve_openai
 from tests.test_pipeline import GOOD

@@ -24,6 +24,7 @@ from bot.settings import (
     Settings,
     StoreSettings,
 )
+from bot.store.db import Store
 
 T = TypeVar("T")
 
@@ -88,6 +89,13 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "the
     if not value:
         raise AssertionError(f"timed out waiting for {what}")
     return value
+
+
+def rows(store: Store, statement) -> list:
+    """What a select returns, read in a session of its own (for polling the store from a test
+    while a worker process writes to it)."""
+    with store.session() as s:
+        return list(s.scalars(statement))
 
 
 # ---------------------------------------------------------------- vLLM (tests/test_vllm.py)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,15 +28,9 @@ from bot import jobs, vllm
 from bot.demo import DEMO_REQUIREMENT, make_sample_repo
 from bot.ports import GenerationParams, Message
 from bot.runtime import build_runtime, execute
-from bot.settings import (
-    BackendSettings,
-    EmbeddedSettings,
-    QueueSettings,
-    SandboxSettings,
-    Settings,
-    StoreSettings,
-)
+from bot.settings import BackendSettings, QueueSettings
 from bot.store.models import JobStage
+from tests.support import free_port, make_settings, model_cache_dir
 
 PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
@@ -50,29 +43,6 @@ START_TIMEOUT = 900.0  # seconds; a cold vLLM start on 2 busy cores takes minute
 
 def row(name: str, value: str, note: str = "") -> None:
     print(f"| {name:<52} | {value:>14} | {note}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def model_cache_dir() -> Path:
-    return Path(os.environ.get("CODELOOP_TEST_MODEL_CACHE", Path.home() / ".cache/codeloop/models"))
-
-
-def make_settings(home: Path, **overrides) -> Settings:
-    """Like tests.conftest.make_settings (bench does not import tests)."""
-    return Settings(
-        home=home,
-        store=StoreSettings(url=None),
-        queue=overrides.pop("queue", QueueSettings(lease_seconds=30)),
-        backend=overrides.pop("backend", BackendSettings(max_new_tokens=160)),
-        embedded=EmbeddedSettings(cache_dir=model_cache_dir()),
-        sandbox=overrides.pop("sandbox", SandboxSettings(timeout_seconds=120)),
-        **overrides,
-    )
 
 
 def sequential_rate(backend, params: GenerationParams, runs: int) -> tuple[float, int, float]:

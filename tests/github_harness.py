@@ -17,7 +17,7 @@ from bot.github.webhook import routes, sign
 from bot.runtime import Runtime, build_queue, build_runtime
 from bot.settings import ForgeSettings, GitHubSettings, Settings
 from bot.web import WebContext, create_app, default_features
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.github_server import FakeGitHub, FakeRepo
 
 WEBHOOK_SECRET = "whsec-test-8c1f0e"

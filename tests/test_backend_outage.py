@@ -18,7 +18,7 @@ from bot.demo import DEMO_REQUIREMENT
 from bot.runtime import build_queue, build_runtime, execute
 from bot.settings import BackendSettings, QueueSettings
 from bot.store.models import Job, JobStage, PullRequest, utcnow
-from tests.conftest import git_out, make_settings
+from tests.support import git_out, make_settings
 from tests.openai_server import serve_openai
 
 SERVED = "smollm2-135m-instruct"

@@ -11,7 +11,7 @@ from bot import jobs
 from bot.runtime import build_runtime, execute
 from bot.settings import BackendSettings, PipelineSettings
 from bot.store.models import Candidate
-from tests.conftest import git_out, make_settings
+from tests.support import git_out, make_settings
 from tests.fakes import ScriptedBackend
 from tests.openai_server import Faults, serve_openai
 from tests.test_reqtests import ASKED, HEAD, VOWELS, WORDS

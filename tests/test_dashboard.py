@@ -23,7 +23,7 @@ from bot.serve import build_app
 from bot.settings import WebSettings
 from bot.store.models import ModelVersion
 from feedback.signals import record_local_review
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.fakes import GOOD, ScriptedBackend
 
 TOKEN = "dashboard-test-token-5e1"

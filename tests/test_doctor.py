@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from bot.github.events import EVENTS
-from tests.conftest import cli_env, make_settings
+from tests.support import cli_env, make_settings
 
 SLACK_TOKEN = "xoxb-1111-2222-wrongtoken"
 

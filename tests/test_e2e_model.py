@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from bot.store.db import Store
 from bot.store.models import Job, JobStage, PullRequest
-from tests.conftest import cli_env, git_out
+from tests.support import cli_env, git_out
 
 pytestmark = pytest.mark.model
 

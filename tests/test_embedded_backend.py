@@ -8,7 +8,7 @@ import pytest
 from bot.ports import BackendError, ContextTooLong, GenerationParams, Message
 from inference.backends.embedded import EMBEDDED_MODEL_NAME, ensure_converted, is_converted
 from inference.backends.transformers_backend import TransformersBackend
-from tests.conftest import model_cache_dir
+from tests.support import model_cache_dir
 
 pytestmark = pytest.mark.model
 

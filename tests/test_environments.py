@@ -15,7 +15,7 @@ from bot.runtime import build_runtime, execute
 from bot.settings import parse_repo_config
 from bot.store.models import JobStage
 from bot.validate import run_tests
-from tests.conftest import cli_env, git_out
+from tests.support import cli_env, git_out
 from tests.fakes import ScriptedBackend
 from tests.test_prompt_fit import make_repo
 

@@ -22,7 +22,7 @@ from bot.demo import DEMO_REQUIREMENT
 from bot.runtime import build_runtime, execute
 from bot.store.db import Store
 from bot.store.models import Job, JobStage, PullRequest, Revision
-from tests.conftest import cli_env, git_out, make_settings
+from tests.support import cli_env, git_out, make_settings, poll, rows
 
 pytestmark = pytest.mark.model
 
@@ -61,12 +61,7 @@ def test_killed_at_every_point_the_job_still_finishes_once(tmp_path, db_url, sam
             assert code == -9, f"the worker was not killed at {point}: {log_path.read_text()}"
         worker = run_worker(env, log, None)
         try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                with store.session() as s:
-                    if s.scalar(select(Job.state)) in ("succeeded", "failed"):
-                        break
-                time.sleep(0.2)
+            poll(lambda: rows(store, select(Job.state)) in (["succeeded"], ["failed"]), 600)
         finally:
             worker.terminate()
             worker.wait(timeout=60)

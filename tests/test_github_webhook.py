@@ -18,7 +18,7 @@ from bot.settings import GitHubSettings
 from bot.store.db import Store
 from bot.store.models import Delivery
 from bot.web import WebContext, create_app, default_features
-from tests.conftest import make_settings
+from tests.support import make_settings
 
 SECRET = "It's a Secret to Everybody"
 

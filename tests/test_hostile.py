@@ -19,7 +19,7 @@ from bot.demo import SAMPLE_FILES, make_sample_repo
 from bot.runtime import build_runtime, execute
 from bot.settings import GitHubSettings, SlackSettings
 from bot.store.models import Job, JobStage, PullRequest
-from tests.conftest import git_out, make_settings
+from tests.support import git_out, make_settings
 from tests.fakes import ScriptedBackend
 
 WORKFLOW = ".github/workflows/ci.yml"

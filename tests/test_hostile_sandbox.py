@@ -25,7 +25,7 @@ from urllib.parse import quote
 import pytest
 
 from bot.demo import SAMPLE_FILES, make_sample_repo
-from tests.conftest import cli_env, git_out, make_settings
+from tests.support import cli_env, git_out, make_settings
 from tests.fakes import ScriptedBackend
 from tests.openai_server import serve_openai
 

@@ -17,7 +17,8 @@ from bot.runtime import build_queue, build_runtime
 from bot.settings import TrainingSettings
 from bot.store.db import Store
 from bot.store.models import MergedChange, TrainingRun
-from tests.conftest import make_settings
+from tests.support import make_settings
+from tests.support import wait_for as _wait
 from tests.learning_history import PEOPLE, append_function, git, make_history
 from training import registry, schedule
 from training.dataset import build_dataset, import_git_history
@@ -110,16 +111,6 @@ def test_bad_cron_is_refused_with_a_clear_message(tmp_path):
     # Crontab weekdays: 0 is Sunday (APScheduler 3 alone would read Monday).
     text = schedule.set_schedule(settings, "acme/app", "0 3 * * 0")
     assert "next run Sun" in text
-
-
-def _wait(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 def _runs(store: Store) -> list[dict]:
@@ -258,7 +249,7 @@ def test_schedule_commands(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import cli_env
+    from tests.support import cli_env
 
     settings = make_settings(tmp_path / "home")
     env = cli_env(settings)

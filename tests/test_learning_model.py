@@ -14,7 +14,7 @@ import pytest
 from bot.ports import GenerationParams, Message
 from bot.settings import BackendSettings, TrainingSettings
 from bot.store.db import Store
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.learning_history import make_history
 from tests.test_vllm import backend_for
 from training import registry
@@ -157,7 +157,7 @@ def test_a_training_run_through_the_queue_trains_gates_and_reports(tmp_path, emb
     import sys
 
     from bot.runtime import build_queue, build_runtime
-    from tests.conftest import cli_env
+    from tests.support import cli_env
     from training import schedule
 
     training = TrainingSettings(max_seq_len=512, holdout_share=0.3, grad_accum=1, max_steps=2,
@@ -236,13 +236,12 @@ def test_a_worker_killed_during_a_training_run_another_worker_finishes_it(tmp_pa
     checkpoint with the dataset it saved. One run, trained once per step."""
     import subprocess
     import sys
-    import time
 
     from sqlalchemy import func, select
 
     from bot.runtime import build_queue, build_runtime
     from bot.store.models import TrainingRun
-    from tests.conftest import cli_env
+    from tests.support import cli_env, poll, rows
     from training import schedule
 
     settings = make_settings(tmp_path / "home", db_url,
@@ -276,12 +275,8 @@ def test_a_worker_killed_during_a_training_run_another_worker_finishes_it(tmp_pa
         second = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                with store.session() as s:
-                    if s.get(TrainingRun, run_id).state in ("succeeded", "failed", "skipped"):
-                        break
-                time.sleep(0.5)
+            poll(lambda: rows(store, select(TrainingRun.state).where(TrainingRun.id == run_id))
+                 in (["succeeded"], ["failed"], ["skipped"]), 600, 0.5)
         finally:
             second.terminate()
             second.wait(timeout=60)

@@ -13,7 +13,7 @@ from bot import deliveries, jobs, logs
 from bot.ports import Generation
 from bot.runtime import build_runtime, execute
 from bot.settings import BackendSettings, GitHubSettings, SlackSettings, WebSettings
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.fakes import GOOD, ScriptedBackend
 
 SECRETS = {

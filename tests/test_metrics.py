@@ -95,7 +95,7 @@ def test_webhook_acknowledgements_are_timed(tmp_path):
     from pydantic import SecretStr
 
     from bot.settings import GitHubSettings
-    from tests.conftest import make_settings
+    from tests.support import make_settings
 
     secret = "webhook-secret-for-metrics"
     settings = make_settings(tmp_path / "home",

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from bot import jobs
 from bot.runtime import build_runtime, execute
 from bot.store.models import EditFormatStat, Job, JobStage, PullRequest, Revision
-from tests.conftest import git_out
+from tests.support import git_out
 from tests.fakes import GOOD, ScriptedBackend
 
 
@@ -101,7 +101,7 @@ def test_failing_tests_are_sent_back_to_the_model(sqlite_settings, sample_repo):
 
 def test_hanging_test_command_is_killed_at_the_timeout(tmp_path, sample_repo):
     from bot.settings import PipelineSettings, SandboxSettings
-    from tests.conftest import make_settings
+    from tests.support import make_settings
 
     (sample_repo / ".codeloop.yml").write_text("test_command: sleep 600\n")
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "slow"],
@@ -174,7 +174,7 @@ def test_backend_unreachable_fails_clearly(tmp_path, sample_repo):
     import socket
 
     from bot.settings import BackendSettings, QueueSettings
-    from tests.conftest import make_settings
+    from tests.support import make_settings
 
     with socket.socket() as sock:  # a port with nothing listening
         sock.bind(("127.0.0.1", 0))

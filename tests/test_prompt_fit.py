@@ -15,7 +15,7 @@ from bot.settings import RepoConfig
 from bot.store.models import JobStage
 from inference.edits import EditRejected, apply_edits, definitions, find_definition, parse_edits
 from inference.prompts import ContextDoc, PromptTooLong, fit_prompt, prompt_tokens, shorten
-from tests.conftest import git_out
+from tests.support import git_out
 from tests.fakes import ScriptedBackend
 
 

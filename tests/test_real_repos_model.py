@@ -9,7 +9,7 @@ from sqlalchemy import select
 from bot import jobs
 from bot.runtime import build_runtime, execute
 from bot.store.models import JobStage
-from tests.conftest import git_out
+from tests.support import git_out
 from tests.test_prompt_fit import STUB, TESTS, make_repo
 
 pytestmark = pytest.mark.model

@@ -14,7 +14,7 @@ from bot.reqtests import extract_examples
 from bot.runtime import build_runtime, execute
 from bot.slack.messages import JobView, succeeded
 from bot.store.models import PullRequest
-from tests.conftest import git_out
+from tests.support import git_out
 from tests.fakes import GOOD, ScriptedBackend
 
 HEAD = '''textutil.py
@@ -139,7 +139,7 @@ def auto_settings(tmp_path):
     """The model writes a test when the requirement states no example (the default on an
     OpenAI-compatible server; the embedded model's default is stated examples only)."""
     from bot.settings import PipelineSettings
-    from tests.conftest import make_settings
+    from tests.support import make_settings
 
     return make_settings(tmp_path / "home", pipeline=PipelineSettings(requirement_tests="auto"))
 
@@ -193,7 +193,7 @@ def test_change_no_test_executes_is_reported_everywhere(sqlite_settings, sample_
 
 def test_requirement_tests_off_says_so(tmp_path, sample_repo):
     from bot.settings import PipelineSettings
-    from tests.conftest import make_settings
+    from tests.support import make_settings
 
     settings = make_settings(tmp_path / "home",
                              pipeline=PipelineSettings(requirement_tests="off"))

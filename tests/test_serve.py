@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from bot.store.db import Store
 from bot.store.models import Job, JobStage
-from tests.conftest import cli_env, git_out, make_settings
+from tests.support import cli_env, git_out, make_settings, wait_for
 from tests.fakes import ScriptedBackend
 from tests.openai_server import Faults, serve_openai
 from tests.test_pipeline import GOOD
@@ -32,16 +32,6 @@ def test_shout():
     time.sleep(4)  # long enough to stop the process while it validates
     assert shout("hi") == "HI!"
 '''
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class StreamingScripted(ScriptedBackend):

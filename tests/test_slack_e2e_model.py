@@ -13,7 +13,7 @@ from sqlalchemy import select
 from bot.demo import DEMO_REQUIREMENT, make_sample_repo
 from bot.slack.handler import link_channel
 from bot.store.models import JobStage, PullRequest
-from tests.conftest import git_out, make_settings
+from tests.support import git_out, make_settings
 from tests.slack_harness import ADMIN, ALICE, Harness, final_texts, slack_settings
 from tests.slack_server import SlackAPIServer
 

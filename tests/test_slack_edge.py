@@ -25,7 +25,7 @@ from bot.store.models import (
     Revision,
     SlackThread,
 )
-from tests.conftest import git_out, make_settings
+from tests.support import git_out, make_settings
 from tests.fakes import GOOD, ScriptedBackend
 from tests.slack_harness import ADMIN, ALICE, Harness, final_texts, slack_settings
 from tests.slack_server import SlackAPIServer

@@ -158,7 +158,7 @@ def test_the_web_route_needs_no_slack_api_when_the_bot_identity_is_given(tmp_pat
     from bot.store.db import Store
     from bot.store.models import Delivery
     from bot.web import WebContext, create_app
-    from tests.conftest import make_settings
+    from tests.support import make_settings
 
     settings = make_settings(tmp_path / "home", slack=SlackSettings(
         bot_token="xoxb-x", signing_secret="s3cret", api_url="http://127.0.0.1:9/api/"))
@@ -184,7 +184,7 @@ def test_the_web_server_serves_slack_only_when_it_is_configured(tmp_path):
     from bot.settings import SlackSettings
     from bot.slack.app import routes
     from bot.web import default_features
-    from tests.conftest import make_settings
+    from tests.support import make_settings
 
     assert routes not in default_features(make_settings(tmp_path / "a"))
     configured = make_settings(tmp_path / "b", slack=SlackSettings(bot_token="xoxb-x",

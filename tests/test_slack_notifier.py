@@ -12,7 +12,7 @@ from bot import jobs
 from bot.slack.app import web_client
 from bot.slack.notifier import SlackNotifier
 from bot.store.db import Store
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.slack_harness import slack_settings
 from tests.slack_server import SlackAPIServer
 

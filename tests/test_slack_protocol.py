@@ -263,7 +263,7 @@ def test_the_web_server_starts_degraded_while_slack_is_down(tmp_path, slack_api)
     from bot.settings import GitHubSettings
     from bot.store.db import Store
     from bot.web import WebContext, create_app, default_features
-    from tests.conftest import make_settings
+    from tests.support import make_settings
     from tests.slack_harness import slack_settings
 
     slack_api.down = True
@@ -317,7 +317,7 @@ def test_codeloop_web_as_a_process_starts_while_slack_is_unreachable(tmp_path):
     import httpx
 
     from bot.github.webhook import sign
-    from tests.conftest import cli_env, make_settings
+    from tests.support import cli_env, make_settings
     from tests.test_serve import free_port, wait_for
 
     port, dead = free_port(), free_port()

@@ -11,7 +11,7 @@ from bot.slack import signing
 from bot.slack.app import run_socket_mode
 from bot.slack.handler import link_channel
 from bot.store.models import Delivery, Request
-from tests.conftest import make_settings
+from tests.support import make_settings
 from tests.fakes import ScriptedBackend
 from tests.slack_harness import ADMIN, ALICE, Harness, slack_settings
 from tests.slack_server import SlackAPIServer, SocketModeServer
@@ -67,7 +67,7 @@ def test_codeloop_serve_socket_mode_takes_events_without_a_public_url(tmp_path):
     import sys
 
     from bot.store.db import Store
-    from tests.conftest import cli_env
+    from tests.support import cli_env
 
     repo = make_sample_repo(tmp_path / "repo")
     slack = SlackAPIServer().start()

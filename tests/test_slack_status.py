@@ -9,7 +9,7 @@ from bot.slack.handler import status_text
 from bot.store.db import Store
 from bot.store.models import Job, ModelVersion, PullRequest, ReviewSignal, utcnow
 from feedback.signals import record_signal
-from tests.conftest import make_settings
+from tests.support import make_settings
 
 
 def test_status_counts_the_queue_and_the_approval_rate_of_the_last_30_days(tmp_path, db_url):

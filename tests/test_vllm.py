@@ -22,7 +22,7 @@ from bot.ports import BackendError, GenerationParams, Message
 from bot.runtime import build_runtime, execute
 from bot.settings import BackendSettings
 from inference.backends.openai_backend import OpenAIBackend
-from tests.conftest import SERVED, Server, free_port, git_out, make_settings
+from tests.support import SERVED, Server, free_port, git_out, make_settings, poll, rows
 
 pytestmark = [pytest.mark.model, pytest.mark.xdist_group("vllm")]
 
@@ -121,7 +121,7 @@ def test_a_worker_keeps_several_jobs_in_flight_against_vllm(vllm_server, tmp_pat
     from bot.demo import make_sample_repo
     from bot.store.db import Store
     from bot.store.models import Job, JobStage
-    from tests.conftest import cli_env
+    from tests.support import cli_env
 
     backend = BackendSettings(
         kind="openai", base_url=vllm_server.base_url, model=SERVED, max_new_tokens=160,
@@ -149,13 +149,8 @@ def test_a_worker_keeps_several_jobs_in_flight_against_vllm(vllm_server, tmp_pat
         worker = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                with store.session() as s:
-                    states = list(s.scalars(select(Job.state)))
-                if all(state in ("succeeded", "failed") for state in states):
-                    break
-                time.sleep(0.5)
+            poll(lambda: all(state in ("succeeded", "failed")
+                             for state in rows(store, select(Job.state))), 600, 0.5)
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(timeout=60)

@@ -12,7 +12,7 @@ def check(settings: Settings, repo: str) -> tuple[bool, list[str]]:
     """Checks in order; returns (all passed, one line per check)."""
     from bot import github
     from bot.forges.github import GitHubForge
-    from bot.github.auth import GitHubClients, GitHubConfigError
+    from bot.forges.github_auth import GitHubClients, GitHubConfigError
 
     lines: list[str] = []
     gh = settings.github

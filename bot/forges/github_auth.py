@@ -1,5 +1,8 @@
 """GitHub clients: a GitHub App's installation tokens (refreshed before they expire) or a PAT.
 
+Part of the forges (the pipeline's side): the GitHub forge and the GitHub edge
+(bot/github/) both sign in through these clients (docs/architecture.md, the import table).
+
 Every client retries 5xx answers and rate limits (primary and secondary) with backoff,
 honouring `Retry-After` (PyGithub's `GithubRetry`, a urllib3 `Retry`). Tokens stay inside
 the auth objects: callers get a client, or `git_env(repo)` for git, whose header travels in

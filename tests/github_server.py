@@ -447,18 +447,8 @@ class FakeGitHub:
             "issue_url": f"{api}/issues/{number}",
             "comments_url": f"{api}/issues/{number}/comments",
             "review_comments_url": f"{api}/pulls/{number}/comments",
-            "head": {
-                "ref": p["head"],
-                "sha": head_sha,
-                "label": f"{repo.owner}:{p['head']}",
-                "repo": self.repo_json(base, repo),
-            },
-            "base": {
-                "ref": p["base"],
-                "sha": base_sha,
-                "label": f"{repo.owner}:{p['base']}",
-                "repo": self.repo_json(base, repo),
-            },
+            "head": self.ref_json(base, repo, p["head"], head_sha),
+            "base": self.ref_json(base, repo, p["base"], base_sha),
             "merged": p.get("merged", False),
             "merge_commit_sha": p.get("merge_commit_sha"),
             "labels": [self.label_json(base, repo, n) for n in issue["labels"]],
@@ -466,6 +456,15 @@ class FakeGitHub:
             "created_at": issue["created_at"],
             "closed_at": p.get("closed_at"),
             "merged_at": p.get("closed_at") if p.get("merged") else None,
+        }
+
+    def ref_json(self, base: str, repo: FakeRepo, ref: str, sha: str) -> dict:
+        """A pull request's `head` or `base`."""
+        return {
+            "ref": ref,
+            "sha": sha,
+            "label": f"{repo.owner}:{ref}",
+            "repo": self.repo_json(base, repo),
         }
 
     def review_comment_json(self, base: str, repo: FakeRepo, cid: int) -> dict:
@@ -537,45 +536,43 @@ class FakeGitHub:
             comment=self.comment_json(self.url, repo, cid),
         )
 
-    def review_submitted(self, repo: FakeRepo, number: int, review_id: int) -> dict:
-        review = repo.reviews[review_id]
+    def pull_event(self, repo: FakeRepo, pull: int, sender: str, action: str, **extra) -> dict:
+        """A payload about pull request `pull`: `pull_request` and the review events."""
         return self.payload(
             repo,
+            sender,
+            action=action,
+            pull_request=self.pull_json(self.url, repo, pull),
+            **extra,
+        )
+
+    def review_submitted(self, repo: FakeRepo, number: int, review_id: int) -> dict:
+        review = repo.reviews[review_id]
+        return self.pull_event(
+            repo,
+            number,
             review["user"],
-            action="submitted",
+            "submitted",
             review={
                 **self.review_json(self.url, repo, review_id),
                 "state": review["state"].lower(),
             },
-            pull_request=self.pull_json(self.url, repo, number),
         )
 
     def review_comment_created(self, repo: FakeRepo, number: int, cid: int) -> dict:
-        return self.payload(
+        return self.pull_event(
             repo,
+            number,
             repo.review_comments[cid]["user"],
-            action="created",
+            "created",
             comment=self.review_comment_json(self.url, repo, cid),
-            pull_request=self.pull_json(self.url, repo, number),
         )
 
     def pull_reopened(self, repo: FakeRepo, number: int, sender: str) -> dict:
-        return self.payload(
-            repo,
-            sender,
-            action="reopened",
-            number=number,
-            pull_request=self.pull_json(self.url, repo, number),
-        )
+        return self.pull_event(repo, number, sender, "reopened", number=number)
 
     def pull_closed(self, repo: FakeRepo, number: int, sender: str) -> dict:
-        return self.payload(
-            repo,
-            sender,
-            action="closed",
-            number=number,
-            pull_request=self.pull_json(self.url, repo, number),
-        )
+        return self.pull_event(repo, number, sender, "closed", number=number)
 
     # ------------------------------------------------------------ requests
 

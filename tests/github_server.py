@@ -183,18 +183,22 @@ class FakeGitHub:
 
     def open_issue(self, repo: FakeRepo, title: str, body: str, user: str) -> int:
         with self.lock:
-            number = self._next_number(repo)
-            repo.issues[number] = {
-                "id": self.next_id(),
-                "title": title,
-                "body": body,
-                "user": user,
-                "state": "open",
-                "labels": [],
-                "pull": False,
-                "created_at": _now(),
-            }
-            return number
+            return self._add_issue(repo, title, body, user, pull=False)
+
+    def _add_issue(self, repo: FakeRepo, title: str, body: str, user: str, pull: bool) -> int:
+        """An open issue, or the issue side of a pull request (GitHub numbers them alike)."""
+        number = self._next_number(repo)
+        repo.issues[number] = {
+            "id": self.next_id(),
+            "title": title,
+            "body": body,
+            "user": user,
+            "state": "open",
+            "labels": [],
+            "pull": pull,
+            "created_at": _now(),
+        }
+        return number
 
     def add_comment(self, repo: FakeRepo, number: int, body: str, user: str) -> int:
         with self.lock:
@@ -250,19 +254,9 @@ class FakeGitHub:
     def open_pull(
         self, repo: FakeRepo, head: str, base: str, title: str, body: str, user: str
     ) -> int:
-        """A person's pull request from branch `head` (already pushed) into `base`."""
+        """A pull request from branch `head` (already pushed) into `base`, by `user`."""
         with self.lock:
-            number = self._next_number(repo)
-            repo.issues[number] = {
-                "id": self.next_id(),
-                "title": title,
-                "body": body,
-                "user": user,
-                "state": "open",
-                "labels": [],
-                "pull": True,
-                "created_at": _now(),
-            }
+            number = self._add_issue(repo, title, body, user, pull=True)
             repo.pulls[number] = {
                 "id": self.next_id(),
                 "head": head,
@@ -812,24 +806,8 @@ class _Handler(BaseHTTPRequestHandler):
                             ],
                         },
                     )
-            number = fake._next_number(repo)
-            repo.issues[number] = {
-                "id": fake.next_id(),
-                "title": data["title"],
-                "body": data.get("body") or "",
-                "user": self.actor,
-                "state": "open",
-                "labels": [],
-                "pull": True,
-                "created_at": _now(),
-            }
-            repo.pulls[number] = {
-                "id": fake.next_id(),
-                "head": data["head"],
-                "base": data["base"],
-                "state": "open",
-                "merged": False,
-            }
+            number = fake.open_pull(repo, data["head"], data["base"], data["title"],
+                                    data.get("body") or "", self.actor)
             return self._send(201, fake.pull_json(base, repo, number))
         if m := re.fullmatch(r"/pulls/comments/(\d+)", rest):
             if int(m[1]) not in repo.review_comments:

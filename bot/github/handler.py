@@ -159,6 +159,15 @@ class GitHubHandler:
         )
         raise Ignored(f"{login} has {permission!r} permission on {remote.full_name}, not write")
 
+    def revisable(self, repo: str, number: int, state: str, login: str, why: str = ""):
+        """The repository's client when pull request `number` is open and `login` may write
+        to it; Ignored otherwise (`why` ends the message for a pull request not open)."""
+        if state != "open":
+            raise Ignored(f"the pull request is {state}{why}")
+        remote = self.remote(repo)
+        self.require_write(remote, number, login)
+        return remote
+
     def start(self, job_id: int) -> None:
         try:
             self.notifier.queued(job_id)

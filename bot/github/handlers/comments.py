@@ -28,10 +28,7 @@ def on_pull_request(h: GitHubHandler, ev: events.Trigger, view: DeliveryView) ->
         body=ev.comment_body,
         author=ev.sender,
     )
-    if state != "open":
-        raise Ignored(f"the pull request is {state}")
-    remote = h.remote(ev.repo)
-    h.require_write(remote, ev.number, ev.sender)
+    remote = h.revisable(ev.repo, ev.number, state, ev.sender)
     remote.get_issue(ev.number).get_comment(ev.comment_id).create_reaction("eyes")
     reviews.revise(
         h,
@@ -67,10 +64,7 @@ def review_comment(
     if not asks:
         return request_id
     # `@codeloop` on a line of the diff asks for a revision, as in a review body.
-    if state != "open":
-        raise Ignored(f"the pull request is {state}; nothing to revise")
-    remote = h.remote(ev.repo)
-    h.require_write(remote, ev.pr_number, ev.author)
+    remote = h.revisable(ev.repo, ev.pr_number, state, ev.author, "; nothing to revise")
     text = h.without_mention(ev.body)
     where = f"{ev.path} line {ev.line}" if ev.line else (ev.path or "the diff")
     # A comment inside a review shares the review's key: the review and its comments,

@@ -47,10 +47,7 @@ def submitted(h: GitHubHandler, ev: events.ReviewSubmitted, view: DeliveryView) 
     )
     if not wants:
         return request_id
-    if state != "open":
-        raise Ignored(f"the pull request is {state}; nothing to revise")
-    remote = h.remote(ev.repo)
-    h.require_write(remote, ev.pr_number, ev.author)
+    remote = h.revisable(ev.repo, ev.pr_number, state, ev.author, "; nothing to revise")
     revise(
         h,
         remote,

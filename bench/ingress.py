@@ -100,7 +100,7 @@ def github_delivery(n: int) -> tuple[str, bytes, dict]:
 
 
 def slack_event(n: int) -> tuple[str, bytes, dict]:
-    from bot.slack.signing import event_body, signed_headers
+    from tests.slack_signing import event_body, signed_headers
 
     ts = f"{1_700_000_000 + n}.{n:06d}"
     event = {"type": "message", "channel": "C0BENCH", "user": "UALICE", "text": f"Add helper {n}",

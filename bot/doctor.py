@@ -9,30 +9,11 @@ Parts that are not configured are reported as skipped. Any failure → exit stat
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from bot.checks import Check
+from bot.checks import err as _err
+from bot.github import check as github_check
 from bot.settings import Settings
-
-# What the GitHub App must be granted (deploy/github-app-manifest.yml asks for exactly this).
-GITHUB_PERMISSIONS = {
-    "contents": "write", "pull_requests": "write", "issues": "write", "metadata": "read",
-}
-_LEVEL = {"none": 0, "read": 1, "write": 2, "admin": 3}
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str  # ok | fail | warn | skip
-    message: str
-
-    def line(self) -> str:
-        return f"{self.status.upper():4}  {self.name}: {self.message}"
-
-
-def _err(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- store and queue
@@ -211,96 +192,6 @@ def check_slack_signing(settings: Settings) -> Check:
                  "Basic Information page")
 
 
-# ---------------------------------------------------------------- GitHub
-
-
-def github_configured(settings: Settings) -> bool:
-    g = settings.github
-    return settings.forge.kind == "github" or g.app_id is not None or g.token is not None
-
-
-def _private_key(settings: Settings) -> str | None:
-    g = settings.github
-    if g.private_key is not None:
-        return g.private_key.get_secret_value()
-    if g.private_key_path is not None and g.private_key_path.is_file():
-        return g.private_key_path.read_text()
-    return None
-
-
-def check_github_access(settings: Settings, timeout: float = 5.0) -> Check:
-    import github
-
-    g = settings.github
-    if g.app_id is not None:
-        key = _private_key(settings)
-        if key is None:
-            return Check("github app", "fail", "CODELOOP_GITHUB__APP_ID is set but no private "
-                         "key — set CODELOOP_GITHUB__PRIVATE_KEY_PATH to the App's .pem file")
-        try:
-            integration = github.GithubIntegration(
-                auth=github.Auth.AppAuth(g.app_id, key), base_url=g.api_url.rstrip("/"),
-                timeout=int(max(timeout, 1)), retry=0,
-            )
-            app = integration.get_app()
-            installations = list(integration.get_installations())
-        except github.GithubException as exc:
-            return Check("github app", "fail", f"GitHub refused the App ({exc.status}: "
-                         f"{_gh_message(exc)}) — check CODELOOP_GITHUB__APP_ID and the private key")
-        except Exception as exc:  # noqa: BLE001 - network errors, bad keys
-            return Check("github app", "fail", f"cannot reach GitHub at {g.api_url} ({_err(exc)}) "
-                         "— check the network or CODELOOP_GITHUB__API_URL")
-        granted = dict(app.permissions or {})
-        short = [f"{name}: {want}" for name, want in GITHUB_PERMISSIONS.items()
-                 if _LEVEL.get(granted.get(name, "none"), 0) < _LEVEL[want]]
-        if short:
-            return Check("github app", "fail", f"the App lacks permissions ({', '.join(short)}) — "
-                         "grant them in the App's settings (deploy/github-app-manifest.yml)")
-        from bot.github.events import EVENTS
-
-        missing = sorted(set(EVENTS) - set(app.events or []))
-        if missing:
-            return Check("github app", "fail", f"the App is not subscribed to {', '.join(missing)} "
-                         "— tick these events in the App's settings")
-        if not installations:
-            return Check("github app", "fail", f"the App {app.slug} is installed nowhere — install "
-                         "it on the repositories codeloop should serve")
-        accounts = ", ".join(sorted({i.account.login for i in installations if i.account}))
-        return Check("github app", "ok", f"{app.slug} installed for {accounts or 'an account'}, "
-                     "permissions and events complete")
-    if g.token is not None:
-        try:
-            client = github.Github(auth=github.Auth.Token(g.token.get_secret_value()),
-                                   base_url=g.api_url.rstrip("/"),
-                                   timeout=int(max(timeout, 1)), retry=0)
-            login = client.get_user().login
-        except github.GithubException as exc:
-            return Check("github token", "fail", f"GitHub rejected the token ({exc.status}: "
-                         f"{_gh_message(exc)}) — set CODELOOP_GITHUB__TOKEN to a valid token")
-        except Exception as exc:  # noqa: BLE001
-            return Check("github token", "fail", f"cannot reach GitHub at {g.api_url} "
-                         f"({_err(exc)}) — check the network or CODELOOP_GITHUB__API_URL")
-        return Check("github token", "ok", f"token of {login} accepted")
-    return Check("github app", "fail", "CODELOOP_FORGE__KIND=github but neither an App "
-                 "(CODELOOP_GITHUB__APP_ID + private key) nor CODELOOP_GITHUB__TOKEN is set")
-
-
-def _gh_message(exc) -> str:
-    data = getattr(exc, "data", None)
-    if isinstance(data, dict) and data.get("message"):
-        return str(data["message"])
-    return str(exc)[:120]
-
-
-def check_github_webhook_secret(settings: Settings) -> Check:
-    secret = settings.github.webhook_secret
-    if secret is not None and secret.get_secret_value():
-        return Check("github webhook secret", "ok", "set")
-    return Check("github webhook secret", "fail", "CODELOOP_GITHUB__WEBHOOK_SECRET is not set: "
-                 "webhook deliveries cannot be verified and are refused — set it to the secret "
-                 "in the App's webhook settings")
-
-
 # ---------------------------------------------------------------- sandbox
 
 
@@ -361,9 +252,9 @@ def run_checks(settings: Settings, timeout: float = 5.0,
     if slack_configured(settings):
         checks += [("slack", lambda: check_slack_token(settings, timeout)),
                    ("slack", lambda: check_slack_signing(settings))]
-    if github_configured(settings):
-        checks += [("github", lambda: check_github_access(settings, timeout)),
-                   ("github", lambda: check_github_webhook_secret(settings))]
+    if github_check.wanted(settings):
+        checks += [("github", lambda: github_check.check_access(settings, timeout)),
+                   ("github", lambda: github_check.check_webhook_secret(settings))]
     checks.append(("sandbox", lambda: check_sandbox(settings)))
     checks.append(("environments", lambda: check_environments(settings)))
     out = []
@@ -377,7 +268,7 @@ def run_checks(settings: Settings, timeout: float = 5.0,
     if "slack" in only and not slack_configured(settings):
         out.append(Check("slack", "skip", "not configured (set CODELOOP_SLACK__BOT_TOKEN to "
                          "use Slack)"))
-    if "github" in only and not github_configured(settings):
+    if "github" in only and not github_check.wanted(settings):
         out.append(Check("github", "skip", "not configured (CODELOOP_FORGE__KIND=local)"))
     return out
 

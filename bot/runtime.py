@@ -150,7 +150,7 @@ def build_runtime(
     github_clients = None
     if forge is None and settings.forge.kind == "github":
         from bot.forges.github import GitHubForge
-        from bot.github.auth import GitHubClients
+        from bot.forges.github_auth import GitHubClients
 
         github_clients = GitHubClients(settings.github)
         forge = GitHubForge(github_clients, settings.home / "mirrors")

@@ -183,18 +183,22 @@ class FakeGitHub:
 
     def open_issue(self, repo: FakeRepo, title: str, body: str, user: str) -> int:
         with self.lock:
-            number = self._next_number(repo)
-            repo.issues[number] = {
-                "id": self.next_id(),
-                "title": title,
-                "body": body,
-                "user": user,
-                "state": "open",
-                "labels": [],
-                "pull": False,
-                "created_at": _now(),
-            }
-            return number
+            return self._add_issue(repo, title, body, user, pull=False)
+
+    def _add_issue(self, repo: FakeRepo, title: str, body: str, user: str, pull: bool) -> int:
+        """An open issue, or the issue side of a pull request (GitHub numbers them alike)."""
+        number = self._next_number(repo)
+        repo.issues[number] = {
+            "id": self.next_id(),
+            "title": title,
+            "body": body,
+            "user": user,
+            "state": "open",
+            "labels": [],
+            "pull": pull,
+            "created_at": _now(),
+        }
+        return number
 
     def add_comment(self, repo: FakeRepo, number: int, body: str, user: str) -> int:
         with self.lock:
@@ -250,19 +254,9 @@ class FakeGitHub:
     def open_pull(
         self, repo: FakeRepo, head: str, base: str, title: str, body: str, user: str
     ) -> int:
-        """A person's pull request from branch `head` (already pushed) into `base`."""
+        """A pull request from branch `head` (already pushed) into `base`, by `user`."""
         with self.lock:
-            number = self._next_number(repo)
-            repo.issues[number] = {
-                "id": self.next_id(),
-                "title": title,
-                "body": body,
-                "user": user,
-                "state": "open",
-                "labels": [],
-                "pull": True,
-                "created_at": _now(),
-            }
+            number = self._add_issue(repo, title, body, user, pull=True)
             repo.pulls[number] = {
                 "id": self.next_id(),
                 "head": head,
@@ -447,18 +441,8 @@ class FakeGitHub:
             "issue_url": f"{api}/issues/{number}",
             "comments_url": f"{api}/issues/{number}/comments",
             "review_comments_url": f"{api}/pulls/{number}/comments",
-            "head": {
-                "ref": p["head"],
-                "sha": head_sha,
-                "label": f"{repo.owner}:{p['head']}",
-                "repo": self.repo_json(base, repo),
-            },
-            "base": {
-                "ref": p["base"],
-                "sha": base_sha,
-                "label": f"{repo.owner}:{p['base']}",
-                "repo": self.repo_json(base, repo),
-            },
+            "head": self.ref_json(base, repo, p["head"], head_sha),
+            "base": self.ref_json(base, repo, p["base"], base_sha),
             "merged": p.get("merged", False),
             "merge_commit_sha": p.get("merge_commit_sha"),
             "labels": [self.label_json(base, repo, n) for n in issue["labels"]],
@@ -466,6 +450,15 @@ class FakeGitHub:
             "created_at": issue["created_at"],
             "closed_at": p.get("closed_at"),
             "merged_at": p.get("closed_at") if p.get("merged") else None,
+        }
+
+    def ref_json(self, base: str, repo: FakeRepo, ref: str, sha: str) -> dict:
+        """A pull request's `head` or `base`."""
+        return {
+            "ref": ref,
+            "sha": sha,
+            "label": f"{repo.owner}:{ref}",
+            "repo": self.repo_json(base, repo),
         }
 
     def review_comment_json(self, base: str, repo: FakeRepo, cid: int) -> dict:
@@ -537,45 +530,43 @@ class FakeGitHub:
             comment=self.comment_json(self.url, repo, cid),
         )
 
-    def review_submitted(self, repo: FakeRepo, number: int, review_id: int) -> dict:
-        review = repo.reviews[review_id]
+    def pull_event(self, repo: FakeRepo, pull: int, sender: str, action: str, **extra) -> dict:
+        """A payload about pull request `pull`: `pull_request` and the review events."""
         return self.payload(
             repo,
+            sender,
+            action=action,
+            pull_request=self.pull_json(self.url, repo, pull),
+            **extra,
+        )
+
+    def review_submitted(self, repo: FakeRepo, number: int, review_id: int) -> dict:
+        review = repo.reviews[review_id]
+        return self.pull_event(
+            repo,
+            number,
             review["user"],
-            action="submitted",
+            "submitted",
             review={
                 **self.review_json(self.url, repo, review_id),
                 "state": review["state"].lower(),
             },
-            pull_request=self.pull_json(self.url, repo, number),
         )
 
     def review_comment_created(self, repo: FakeRepo, number: int, cid: int) -> dict:
-        return self.payload(
+        return self.pull_event(
             repo,
+            number,
             repo.review_comments[cid]["user"],
-            action="created",
+            "created",
             comment=self.review_comment_json(self.url, repo, cid),
-            pull_request=self.pull_json(self.url, repo, number),
         )
 
     def pull_reopened(self, repo: FakeRepo, number: int, sender: str) -> dict:
-        return self.payload(
-            repo,
-            sender,
-            action="reopened",
-            number=number,
-            pull_request=self.pull_json(self.url, repo, number),
-        )
+        return self.pull_event(repo, number, sender, "reopened", number=number)
 
     def pull_closed(self, repo: FakeRepo, number: int, sender: str) -> dict:
-        return self.payload(
-            repo,
-            sender,
-            action="closed",
-            number=number,
-            pull_request=self.pull_json(self.url, repo, number),
-        )
+        return self.pull_event(repo, number, sender, "closed", number=number)
 
     # ------------------------------------------------------------ requests
 
@@ -815,24 +806,8 @@ class _Handler(BaseHTTPRequestHandler):
                             ],
                         },
                     )
-            number = fake._next_number(repo)
-            repo.issues[number] = {
-                "id": fake.next_id(),
-                "title": data["title"],
-                "body": data.get("body") or "",
-                "user": self.actor,
-                "state": "open",
-                "labels": [],
-                "pull": True,
-                "created_at": _now(),
-            }
-            repo.pulls[number] = {
-                "id": fake.next_id(),
-                "head": data["head"],
-                "base": data["base"],
-                "state": "open",
-                "merged": False,
-            }
+            number = fake.open_pull(repo, data["head"], data["base"], data["title"],
+                                    data.get("body") or "", self.actor)
             return self._send(201, fake.pull_json(base, repo, number))
         if m := re.fullmatch(r"/pulls/comments/(\d+)", rest):
             if int(m[1]) not in repo.review_comments:

@@ -21,7 +21,7 @@ from bot.forges.local import LocalForge
 from bot.runtime import build_queue, build_runtime, start_delivery_consumer
 from bot.settings import Settings, SlackSettings
 from bot.slack import app as slack_app
-from bot.slack import signing
+from tests import slack_signing as signing
 from bot.store.models import Delivery, Job, Request
 from bot.web import WebContext, create_app
 from tests.slack_server import SlackAPIServer

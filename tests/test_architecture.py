@@ -45,8 +45,6 @@ MAY_IMPORT = {
 KNOWN = {
     # The pipeline asks the registry which model version serves a job (canary share).
     ("bot.pipeline", "training.registry"),
-    # The GitHub forge signs in with the GitHub feature's clients (tokens, retries).
-    ("bot.forges.github", "bot.github.auth"),
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bot.cli import parser
-from bot.doctor import GITHUB_PERMISSIONS
+from bot.github.check import GITHUB_PERMISSIONS
 from bot.envfile import env_settings, render
 from bot.github.events import EVENTS
 from bot.settings import Settings

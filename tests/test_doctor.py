@@ -181,7 +181,7 @@ def test_github_app_permissions_and_installation(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import rsa
     from pydantic import SecretStr
 
-    from bot.doctor import check_github_access
+    from bot.github.check import check_access as check_github_access
     from bot.settings import ForgeSettings, GitHubSettings
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(

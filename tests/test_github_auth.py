@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from bot.demo import make_sample_repo
 from bot.forges import ForgeError
 from bot.forges.github import GitHubForge
-from bot.github.auth import GitHubClients
+from bot.forges.github_auth import GitHubClients
 from bot.settings import GitHubSettings
 from tests.github_server import FakeGitHub
 

@@ -144,6 +144,15 @@ def test_payloads_parse_into_typed_events():
         events.parse("issues", {"action": "labeled"})
 
 
+def test_every_event_parse_returns_has_a_handler():
+    """A parsed delivery never fails for want of a route (bot/github/handler.py ROUTES)."""
+    from typing import get_args
+
+    from bot.github.handler import ROUTES
+
+    assert set(ROUTES) == set(get_args(events.Event))
+
+
 def test_mentions_address_the_bot_only():
     assert events.mentions("@codeloop please", "codeloop")
     assert events.mentions("thanks @CodeLoop.", "codeloop")

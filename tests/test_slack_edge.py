@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from bot import deliveries
 from bot.demo import make_sample_repo
-from bot.slack import signing
+from tests import slack_signing as signing
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
 from bot.slack.handler import link_channel
 from bot.store.models import (

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlencode
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
-from bot.slack import signing
+from tests import slack_signing as signing
 from bot.slack.events import CANCEL_ACTION
 from bot.slack.messages import JobView, failed
 from bot.store.models import Delivery, Request, ReviewSignal

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from bot.demo import make_sample_repo
-from bot.slack import signing
+from tests import slack_signing as signing
 from bot.slack.app import run_socket_mode
 from bot.slack.handler import link_channel
 from bot.store.models import Delivery, Request

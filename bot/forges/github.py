@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bot import git
 from bot.forges import ForgeError, OpenedPR, RepoInfo
-from bot.github.auth import GitHubClients, GitHubConfigError
+from bot.forges.github_auth import GitHubClients, GitHubConfigError
 from bot.settings import RepoConfigError, parse_repo_config
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ def install(
     clients=None,
 ):
     """Register the GitHub notifier and delivery handler; returns the clients used."""
-    from bot.github.auth import GitHubClients
+    from bot.forges.github_auth import GitHubClients
     from bot.github.handler import GitHubHandler
     from bot.github.notifier import GitHubNotifier
 

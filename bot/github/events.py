@@ -193,6 +193,25 @@ def mentions(text: str | None, name: str) -> bool:
 # ---------------------------------------------------------------- parse
 
 
+def _trigger(payload: Any, repo: str, installation: int | None, sender: str,
+             sender_is_bot: bool, **what: Any) -> Trigger:
+    """The issue (or pull request) of an `issues` or `issue_comment` delivery, and `what`
+    happened to it (the label, or the comment)."""
+    return Trigger(
+        repo=repo,
+        installation_id=installation,
+        number=_int(payload, "issue", "number"),
+        title=_str(payload, "issue", "title"),
+        body=_str(payload, "issue", "body", optional=True),
+        sender=sender,
+        sender_is_bot=sender_is_bot,
+        on_pull_request=_opt(payload, "issue", "pull_request") is not None,
+        issue_state=_str(payload, "issue", "state", optional=True) or "open",
+        locked=_opt(payload, "issue", "locked") is True,
+        **what,
+    )
+
+
 def parse(event: str, payload: Any) -> Event:
     if event not in EVENTS:
         raise Ignored(f"codeloop does not act on {event!r} events")
@@ -203,35 +222,18 @@ def parse(event: str, payload: Any) -> Event:
     if event == "issues":
         if action != "labeled":
             raise Ignored(f"issues.{action} is not a trigger")
-        return Trigger(
-            repo=repo,
-            installation_id=installation,
-            number=_int(payload, "issue", "number"),
-            title=_str(payload, "issue", "title"),
-            body=_str(payload, "issue", "body", optional=True),
-            sender=sender,
-            sender_is_bot=sender_is_bot,
-            on_pull_request=_opt(payload, "issue", "pull_request") is not None,
+        return _trigger(
+            payload, repo, installation, sender, sender_is_bot,
             label=_str(payload, "label", "name"),
-            issue_state=_str(payload, "issue", "state", optional=True) or "open",
-            locked=_opt(payload, "issue", "locked") is True,
         )
     if event == "issue_comment":
         if action != "created":
             raise Ignored(f"issue_comment.{action} is not a trigger")
-        return Trigger(
-            repo=repo,
-            installation_id=installation,
-            number=_int(payload, "issue", "number"),
-            title=_str(payload, "issue", "title"),
-            body=_str(payload, "issue", "body", optional=True),
-            sender=sender,
-            sender_is_bot=sender_is_bot or _is_bot(_opt(payload, "comment", "user")),
-            on_pull_request=_opt(payload, "issue", "pull_request") is not None,
+        return _trigger(
+            payload, repo, installation, sender,
+            sender_is_bot or _is_bot(_opt(payload, "comment", "user")),
             comment_id=_int(payload, "comment", "id"),
             comment_body=_str(payload, "comment", "body", optional=True),
-            issue_state=_str(payload, "issue", "state", optional=True) or "open",
-            locked=_opt(payload, "issue", "locked") is True,
         )
     if event == "pull_request_review":
         if action == "dismissed":

@@ -12,7 +12,7 @@ import logging
 from sqlalchemy import select
 
 from bot import verdict
-from bot.github.auth import GitHubClients
+from bot.forges.github_auth import GitHubClients
 from bot.store.db import Store
 from bot.store.models import (
     GitHubReviewReply,

@@ -1,5 +1,8 @@
 """GitHub clients: a GitHub App's installation tokens (refreshed before they expire) or a PAT.
 
+Part of the forges (the pipeline's side): the GitHub forge and the GitHub edge
+(bot/github/) both sign in through these clients (docs/architecture.md, the import table).
+
 Every client retries 5xx answers and rate limits (primary and secondary) with backoff,
 honouring `Retry-After` (PyGithub's `GithubRetry`, a urllib3 `Retry`). Tokens stay inside
 the auth objects: callers get a client, or `git_env(repo)` for git, whose header travels in
@@ -21,6 +24,31 @@ class GitHubConfigError(ValueError):
     """GitHub is not configured well enough to act; the message says what to set."""
 
 
+NO_PRIVATE_KEY = (
+    "CODELOOP_GITHUB__APP_ID is set but no private key: set CODELOOP_GITHUB__PRIVATE_KEY_PATH "
+    "to the App's .pem file (or CODELOOP_GITHUB__PRIVATE_KEY to its text)"
+)
+NOT_CONFIGURED = (
+    "GitHub is not configured: set CODELOOP_GITHUB__APP_ID and a private key (GitHub App), "
+    "or CODELOOP_GITHUB__TOKEN (personal access token)"
+)
+
+
+def private_key(settings: GitHubSettings) -> str | None:
+    """The GitHub App's private key (PEM text), or None when none is set."""
+    if settings.private_key is not None:
+        return settings.private_key.get_secret_value()
+    if settings.private_key_path is not None:
+        try:
+            return settings.private_key_path.read_text()
+        except OSError as exc:
+            raise GitHubConfigError(
+                f"cannot read the GitHub App private key {settings.private_key_path}: "
+                f"{exc.strerror}"
+            ) from exc
+    return None
+
+
 class GitHubClients:
     """One PyGithub client per installation (App) or one for all (token), built on demand."""
 
@@ -34,19 +62,6 @@ class GitHubClients:
         self._identity: str | None = None
 
     # ------------------------------------------------------------ configuration
-
-    def _private_key(self) -> str | None:
-        s = self.settings
-        if s.private_key is not None:
-            return s.private_key.get_secret_value()
-        if s.private_key_path is not None:
-            try:
-                return s.private_key_path.read_text()
-            except OSError as exc:
-                raise GitHubConfigError(
-                    f"cannot read the GitHub App private key {s.private_key_path}: {exc.strerror}"
-                ) from exc
-        return None
 
     @property
     def uses_app(self) -> bool:
@@ -68,12 +83,9 @@ class GitHubClients:
     def _app_auth(self):
         from github import Auth
 
-        key = self._private_key()
+        key = private_key(self.settings)
         if key is None:
-            raise GitHubConfigError(
-                "CODELOOP_GITHUB__APP_ID is set but no private key: set "
-                "CODELOOP_GITHUB__PRIVATE_KEY or CODELOOP_GITHUB__PRIVATE_KEY_PATH"
-            )
+            raise GitHubConfigError(NO_PRIVATE_KEY)
         return Auth.AppAuth(self.settings.app_id, key)
 
     def _kwargs(self) -> dict:
@@ -118,10 +130,7 @@ class GitHubClients:
         if installation_id is None:
             token = self.settings.token
             if token is None:
-                raise GitHubConfigError(
-                    "GitHub is not configured: set CODELOOP_GITHUB__APP_ID and a private key "
-                    "(GitHub App), or CODELOOP_GITHUB__TOKEN (personal access token)"
-                )
+                raise GitHubConfigError(NOT_CONFIGURED)
             return Auth.Token(token.get_secret_value())
         # Installation tokens are fetched on first use and refreshed before they expire.
         return self._app_auth().get_installation_auth(installation_id)

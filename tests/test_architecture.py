@@ -43,8 +43,6 @@ MAY_IMPORT = {
 # Known edges against the table, each with why it is still there. The test fails when one
 # disappears (delete it here) or a new one appears (fix the import, or argue for it here).
 KNOWN = {
-    # The pipeline asks the registry which model version serves a job (canary share).
-    ("bot.pipeline", "training.registry"),
     # The GitHub forge signs in with the GitHub feature's clients (tokens, retries).
     ("bot.forges.github", "bot.github.auth"),
 }

@@ -17,7 +17,6 @@ Their typed results (bot.pipeline.results) are what the checkpoints store
 from __future__ import annotations
 
 from bot.pipeline.base import BackendUnavailable, JobCancelled, JobFailed, Ports
-from bot.pipeline.prompt import slug as _slug
 from bot.pipeline.publish import pr_body
 from bot.pipeline.run import run_job
 from bot.pipeline.stages import STAGE_LABELS, Stages, stage_label
@@ -29,7 +28,6 @@ __all__ = [
     "JobFailed",
     "Ports",
     "Stages",
-    "_slug",
     "pr_body",
     "run_job",
     "stage_label",

@@ -114,7 +114,7 @@ class PlainBM25:
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from bot.pipeline import _slug
+from bot.pipeline.prompt import slug as _slug
 from inference.context import RepoIndex
 home, repo, query, k = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 queries = json.loads(Path(sys.argv[5]).read_text()) if len(sys.argv) > 5 else []

@@ -13,21 +13,21 @@ from bot import deliveries, jobs, logs
 from bot.deliveries import Handler
 from bot.forges import Forge
 from bot.forges.local import LocalForge
-from bot.pipeline import BackendUnavailable, JobCancelled, JobFailed, Ports, run_job
+from bot.pipeline import (
+    BackendUnavailable,
+    JobCancelled,
+    JobFailed,
+    Ports,
+    run_job,
+    stage_label,
+)
 from bot.ports import Backend, Notifier
 from bot.settings import Settings
 from bot.store.db import Store
 from bot.store.models import Job
+from training.registry import serving_model
 
 log = logging.getLogger(__name__)
-
-STAGE_LABELS = {
-    "workspace": "reading the repository",
-    "context": "finding the files that matter",
-    "prompt": "writing the prompt",
-    "publish": "opening the pull request",
-}
-
 
 def build_backend(
     settings: Settings, progress: Callable[[str], None] | None = None, store: Store | None = None
@@ -84,7 +84,7 @@ class LogNotifier:
     """Progress into the log (workers); chat adapters send the same events elsewhere."""
 
     def stage(self, job_id: int, stage: str, detail: str = "") -> None:
-        log.info("job %s: %s", job_id, detail or STAGE_LABELS.get(stage, stage))
+        log.info("job %s: %s", job_id, detail or stage_label(stage))
 
     def finished(self, job_id: int, text: str, ok: bool) -> None:
         (log.info if ok else log.warning)("job %s: %s", job_id, text)
@@ -99,7 +99,7 @@ class TerminalNotifier:
 
     def stage(self, job_id: int, stage: str, detail: str = "") -> None:
         elapsed = time.perf_counter() - self.started
-        print(f"[{elapsed:6.1f}s] job {job_id}: {detail or STAGE_LABELS.get(stage, stage)}",
+        print(f"[{elapsed:6.1f}s] job {job_id}: {detail or stage_label(stage)}",
               file=self.stream, flush=True)
 
     def finished(self, job_id: int, text: str, ok: bool) -> None:
@@ -161,6 +161,8 @@ def build_runtime(
         backend=lazy,
         notifier=notifier or RoutingNotifier(store, by_source, default=LogNotifier(),
                                               secrets=settings.secret_values()),
+        # The promoted model version (or, for canary jobs, the one before it), else the default.
+        serving_model=lambda job_id: serving_model(settings, store, job_id),
     )
     runtime = Runtime(
         settings=settings, store=store, ports=ports, backend=lazy, delivery_handlers=handlers

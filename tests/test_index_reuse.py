@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys
 from pathlib import Path
-from bot.pipeline import _slug
+from bot.pipeline.prompt import slug as _slug
 from inference.context import RepoIndex
 home, repo = Path(sys.argv[1]), sys.argv[2]
 index = RepoIndex(home / _slug(repo))

@@ -190,3 +190,55 @@ def test_backend_unreachable_fails_clearly(tmp_path, sample_repo):
     assert "stayed unavailable after 1 tries" in outcome.error
     assert f"127.0.0.1:{port}" in outcome.error
     assert [b for b in branches(sample_repo) if b.startswith("codeloop/")] == []
+
+
+def test_every_checkpoint_reads_back_as_it_was_stored(sqlite_settings, sample_repo):
+    """A resumed job reads each stage's stored JSON into the stage's typed result: nothing
+    of what was stored is lost on the way (two attempts: every kind of stage)."""
+    from bot.pipeline.results import (
+        Check,
+        Checkout,
+        ContextFound,
+        Generation,
+        PlannedPrompt,
+        RetryPrompt,
+    )
+
+    broken = GOOD.replace('return text.upper() + "!"', 'return text.upper()')
+    runtime = build_runtime(sqlite_settings, backend=ScriptedBackend(broken, GOOD))
+    assert execute(runtime, submit(runtime, sample_repo).job_id).state == "succeeded"
+    kinds = {"workspace": Checkout, "context": ContextFound, "prompt": PlannedPrompt,
+             "generate": Generation, "validate": Check}
+    seen = []
+    with runtime.store.session() as s:
+        for st in s.scalars(select(JobStage).order_by(JobStage.id)):
+            base = st.name.partition("-")[0]
+            kind = RetryPrompt if st.name.startswith("prompt-") else kinds.get(base)
+            if kind is not None:
+                assert kind.from_json(st.output).to_json() == st.output, st.name
+                seen.append(st.name)
+    assert seen == ["workspace", "context", "prompt", "generate-1", "validate-1", "prompt-2",
+                    "generate-2", "validate-2"]
+
+
+def test_a_checkpoint_without_the_configuration_resumes_with_the_trusted_one(
+    sqlite_settings, sample_repo
+):
+    """Older versions stored the workspace stage without `.codeloop.yml`: the resumed job
+    does not check out again, and reads the configuration from the default branch."""
+    (sample_repo / ".codeloop.yml").write_text("protected_paths: [textutil.py]\n")
+    subprocess.run(["git", "add", ".codeloop.yml"], cwd=sample_repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm",
+                    "protect"], cwd=sample_repo, check=True)
+    head = git_out(sample_repo, "rev-parse", "HEAD").strip()
+    runtime = build_runtime(sqlite_settings, backend=ScriptedBackend(GOOD))
+    sub = submit(runtime, sample_repo)
+    with runtime.store.session() as s:
+        s.add(JobStage(job_id=sub.job_id, name="workspace", state="done",
+                       output={"base_branch": "main", "start_sha": head}))
+    outcome = execute(runtime, sub.job_id)
+    assert outcome.state == "failed"
+    assert "textutil.py is a protected path" in outcome.error
+    with runtime.store.session() as s:
+        names = [st.name for st in s.scalars(select(JobStage).where(JobStage.job_id == sub.job_id))]
+    assert names.count("workspace") == 1

@@ -15,18 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from bot.pipeline.stages import stage_label as stage_label  # the notifier labels stages
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
 from bot.verdict import line as verdict_line
 
 FENCE = "`" * 3
-
-_STAGE_LABELS = {
-    "workspace": "reading the repository",
-    "context": "finding the files that matter",
-    "prompt": "writing the prompt",
-    "publish": "opening the pull request",
-}
-
 
 @dataclass(frozen=True)
 class Reply:
@@ -54,15 +47,6 @@ class JobView:
     stages: tuple[StageLine, ...] = ()
     result: dict = field(default_factory=dict)
     error: str | None = None
-
-
-def stage_label(name: str) -> str:
-    base, _, attempt = name.partition("-")
-    if base == "generate" and attempt:
-        return f"generating (attempt {attempt})"
-    if base == "validate" and attempt:
-        return f"validating (attempt {attempt})"
-    return _STAGE_LABELS.get(name, name)
 
 
 def elapsed(seconds: float) -> str:

@@ -102,6 +102,15 @@ def line(validation: dict) -> str:
     return text
 
 
+def code_block(text: str) -> str:
+    """Text shown as written in Markdown: a fence longer than any run of backticks inside it,
+    so no output line can end the block (and nothing in it is a heading, a comment or an
+    @mention)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
 def markdown(validation: dict) -> str:
     """The pull request body's validation section: the line, then each test and its origin."""
     head = f"**{'passed' if validation.get('ok') else 'failed'}** — {line(validation)}"

@@ -18,7 +18,8 @@ from markdown_it import MarkdownIt
 from bot import jobs, verdict
 from bot.changed_lines import summarise
 from bot.github.notifier import render_finished, render_reply, render_status
-from bot.pipeline import _validation_json, pr_body
+from bot.pipeline import pr_body
+from bot.pipeline.candidates import validation_json
 from bot.ports import CheckResult, ValidationResult
 from bot.slack import messages
 from bot.slack.events import CANCEL_ACTION, RETRY_ACTION
@@ -58,7 +59,7 @@ def validation(tests_output: str = PASSED, *, ok: bool = True, proof: dict | Non
         CheckResult("ruff", True, "", 0.2),
         CheckResult("tests", ok, tests_output, 1.5),
     ))
-    out = _validation_json(result)
+    out = validation_json(result)
     if proof is not None:
         out["proof"] = proof
         out["ok"] = ok and proof["ok"]

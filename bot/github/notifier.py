@@ -71,7 +71,8 @@ def render_finished(job_id: int, kind: str, ok: bool, text: str, result: dict) -
             if kind == "revise"
             else "Edit the issue and add the label again (or mention codeloop) to retry."
         )
-        return f"**codeloop** could not finish job {job_id}.\n\n{text}\n\n{retry}"
+        return (f"**codeloop** could not finish job {job_id}.\n\n{verdict.code_block(text)}"
+                f"\n\n{retry}")
     lines = [f"**codeloop** finished job {job_id}.", ""]
     lines.extend(f"- [x] {step}" for step in steps)
     validation = result.get("validation") or {}

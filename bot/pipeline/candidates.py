@@ -130,7 +130,7 @@ def apply_and_validate(v: Validation, workdir: Path, answer: str, fmt: str) -> C
         )
     except SandboxError as exc:
         raise JobFailed(str(exc)) from exc
-    out = _validation_json(result)
+    out = validation_json(result)
     ok, reason = result.ok, ("" if result.ok else result.failures_text())
     # Requirement tests run even when an existing test failed: candidates are ranked by them
     # first, and the model's retry reads both. Not after a syntax or lint failure.
@@ -148,7 +148,7 @@ def apply_and_validate(v: Validation, workdir: Path, answer: str, fmt: str) -> C
                  problems=parsed.problems, diff_lines=diff_lines, blobs=blobs, diff=change)
 
 
-def _validation_json(result: ValidationResult) -> dict:
+def validation_json(result: ValidationResult) -> dict:
     return {
         "ok": result.ok,
         "summary": result.summary(),

@@ -145,11 +145,11 @@ def pr_body(
     lines.append(verdict.markdown(validation))
     tail = _output_tail(validation)
     if tail:
-        lines.append(f"\n```\n{tail}\n```")
+        lines.append("\n" + verdict.code_block(tail))
     if revisions:
         lines.append("\n## Revisions\n")
         lines.extend(f"- {r}" for r in revisions)
-    lines.append(f"\n## Changes\n\n```\n{diff_stat}\n```")
+    lines.append(f"\n## Changes\n\n{verdict.code_block(diff_stat)}")
     lines.append(f"\n---\nWritten by codeloop with model `{model}`. Review it as any pull request: "
                  "request changes and codeloop revises this branch.")
     return "\n".join(lines)

@@ -120,6 +120,23 @@ def _pr_link(result: dict) -> str:
     return f"pull request #{number} (branch `{escape(result.get('branch', ''))}`)"
 
 
+def _diff_stat(diff_stat: str, limit: int = 1500) -> str:
+    """The diff stat for a code block, escaped and bounded: the file lines that do not fit are
+    counted, the summary line (files changed, insertions, deletions) is always kept."""
+    lines = escape(diff_stat.strip().replace(FENCE, "'" * 3)).splitlines()
+    if sum(len(line) + 1 for line in lines) <= limit:
+        return "\n".join(lines)
+    *files, summary = lines
+    kept: list[str] = []
+    size = len(summary) + 40  # the summary and the "… N more files" line
+    for line in files:
+        size += len(line) + 1
+        if size > limit:
+            break
+        kept.append(line)
+    return "\n".join([*kept, f"… {len(files) - len(kept)} more files", summary])
+
+
 def succeeded(view: JobView) -> Reply:
     r = view.result
     took = elapsed((view.now - view.started).total_seconds())
@@ -130,7 +147,7 @@ def succeeded(view: JobView) -> Reply:
                 f"{_pr_link(r)} ({took})")
     else:
         head = f":white_check_mark: *#{view.request_id}* Opened {_pr_link(r)} ({took})"
-    stat = escape((r.get("diff_stat") or "").strip().replace(FENCE, "'" * 3))
+    stat = _diff_stat(r.get("diff_stat") or "")
     body = head + (f"\n{FENCE}{stat}{FENCE}" if stat else "") + \
         f"\nValidation: *{verdict}* — {escape(verdict_line(validation))}"
     text = f"#{view.request_id}: {_pr_link(r)}, validation {verdict}"

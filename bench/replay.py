@@ -226,7 +226,9 @@ def run_task(task: Task, repo: Path, tmp: Path, settings: Settings, backend, bas
                               .order_by(JobStage.id)))
         for row in rows:
             out = row.output or {}
-            if row.name.startswith("generate-") and row.state == "done":
+            if row.state == "done" and (row.name.startswith("generate-")
+                                        or row.name == "requirement-test"):
+                # (the requirement-test stage records no token counts yet: not counted)
                 tokens += int(out.get("prompt_tokens", 0)) + int(out.get("completion_tokens", 0))
             if row.name.startswith("validate-") and row.state == "done":
                 last_reason = out.get("reason", "")

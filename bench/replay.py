@@ -264,7 +264,7 @@ def make_backend(args, model: str, settings: Settings):
     path, _ = ensure_converted(settings.embedded.cache_dir)
     adapter = Path(model) if model and Path(model).is_dir() else None
     return TransformersBackend(path, model_name=EMBEDDED_MODEL_NAME, adapter_path=adapter,
-                               context_tokens=args.context_tokens)
+                               context_tokens=args.context_tokens, threads=args.threads)
 
 
 def start_vllm_cpu(home: Path, served: str) -> tuple[subprocess.Popen, str, float]:
@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-tokens", type=int, default=None,
                     help="cap the model's context (default: what the model says)")
     ap.add_argument("--attempts", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads of the embedded model (0: torch's default; 1 avoids "
+                         "threads waiting on each other where other work keeps the cores busy)")
     ap.add_argument("--candidates", default="",
                     help="changes per attempt, comma-separated (e.g. 1,4); default: the "
                          "backend's (4 on a server, 1 embedded)")

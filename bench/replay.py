@@ -86,6 +86,7 @@ class Result:
     well_formed: int
     stage: str = ""
     detail: dict = field(default_factory=dict)
+    model_test: str = ""  # the requirement-test stage: "usable", "unusable", "" (none asked)
 
 
 def candidates(repo: Path, n: int) -> tuple[list[Task], Counter]:
@@ -220,7 +221,7 @@ def run_task(task: Task, repo: Path, tmp: Path, settings: Settings, backend, bas
                       time.perf_counter() - started, 0, 0, 0, "crash")
     seconds = time.perf_counter() - started
     tokens = answers = well = 0
-    last_stage, last_reason = "", ""
+    last_stage, last_reason, model_test = "", "", ""
     with runtime.store.session() as s:
         rows = list(s.scalars(select(JobStage).where(JobStage.job_id == sub.job_id)
                               .order_by(JobStage.id)))
@@ -232,6 +233,8 @@ def run_task(task: Task, repo: Path, tmp: Path, settings: Settings, backend, bas
                 tokens += int(out.get("prompt_tokens", 0)) + int(out.get("completion_tokens", 0))
             if row.name.startswith("validate-") and row.state == "done":
                 last_reason = out.get("reason", "")
+            if row.name == "requirement-test" and row.state == "done":
+                model_test = "usable" if out.get("test") else "unusable"
             last_stage = row.name.split("-")[0]
             if row.state == "failed":
                 last_reason = row.error or last_reason
@@ -243,14 +246,14 @@ def run_task(task: Task, repo: Path, tmp: Path, settings: Settings, backend, bas
     if outcome.state != "succeeded":
         reason = outcome.error or last_reason
         return Result(task.sha, "failed", f"{last_stage}: {classify(reason)}", seconds, tokens,
-                      answers, well, last_stage)
+                      answers, well, last_stage, model_test=model_test)
     branch = outcome.result["branch"]
     check = checkout(target, tmp / "resolved", f"origin/{branch}")
     git(check, "checkout", "-q", task.sha, "--", *task.tests)
     result = run_tests(check, test_command(base_cmd, task.tests, check, prepare), sandbox)
     state = "resolved" if result.ok else "unresolved"
     return Result(task.sha, state, "" if result.ok else "commit's tests fail on the branch",
-                  seconds, tokens, answers, well, "publish")
+                  seconds, tokens, answers, well, "publish", model_test=model_test)
 
 
 def make_backend(args, model: str, settings: Settings):
@@ -392,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(r)
                         print(f"  {model} n={n} req={mode} {r.sha[:10]} {r.state:10} "
                               f"{r.seconds:6.0f} s {r.tokens:6} tok {r.well_formed}/{r.answers}"
-                              f" well-formed  {r.reason}", flush=True)
+                              f" well-formed  {r.reason}"
+                              + (f" (model-written test {r.model_test})" if r.model_test else ""),
+                              flush=True)
                     label = f"{model} ({where}), candidates {n}, requirement tests {mode}"
                     print_table(label, results, f"load {before} -> {load()}")
                     rows.append((model, n, mode, results))
@@ -428,8 +433,8 @@ def print_summary(rows: list, where: str, jobs_n: int) -> None:
     """One row per (model, candidates, requirement tests): the issue-14 comparison."""
     print(f"\n## Summary ({where}, {jobs_n} kept commits)\n")
     print("| model | candidates | requirement tests | resolved | well-formed | PRs opened "
-          "| time / job | tokens / job | where jobs ended |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| model tests usable | time / job | tokens / job | where jobs ended |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model, n, mode, results in rows:
         k = len(results) or 1
         resolved = sum(r.state == "resolved" for r in results)
@@ -437,8 +442,11 @@ def print_summary(rows: list, where: str, jobs_n: int) -> None:
         answers = sum(r.answers for r in results)
         well = sum(r.well_formed for r in results)
         ends = Counter(r.reason if r.state != "resolved" else "resolved" for r in results)
+        asked = [r for r in results if r.model_test]
+        usable = (f"{sum(r.model_test == 'usable' for r in asked)}/{len(asked)}" if asked
+                  else "-")
         print(f"| {model} | {n} | {mode} | {resolved}/{len(results)} | {well}/{answers} | "
-              f"{opened} | {sum(r.seconds for r in results) / k:.0f} s | "
+              f"{opened} | {usable} | {sum(r.seconds for r in results) / k:.0f} s | "
               f"{sum(r.tokens for r in results) / k:.0f} | "
               + "; ".join(f"{reason} {c}" for reason, c in ends.most_common()) + " |")
     print(flush=True)

@@ -16,8 +16,17 @@ from sqlalchemy import func, select
 from bot import jobs
 from bot.pipeline import JobCancelled, Stages
 from bot.store.db import Store, insert_or_get, schema_is_current
-from bot.store.models import (Base, Job, JobStage, PullRequest, Request, ReviewSignal, Revision,
-                              SlackThread, utcnow)
+from bot.store.models import (
+    Base,
+    Job,
+    JobStage,
+    PullRequest,
+    Request,
+    ReviewSignal,
+    Revision,
+    SlackThread,
+    utcnow,
+)
 from feedback.signals import SignalError, record_signal
 
 TABLES = {"requests", "jobs", "job_stages", "pull_requests", "revisions", "review_signals",

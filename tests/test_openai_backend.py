@@ -207,6 +207,40 @@ def test_timeouts_are_retried_then_reported(server, faults):
     assert faults.chat_requests == 2
 
 
+@pytest.mark.model
+def test_a_stream_that_breaks_before_its_first_token_is_asked_again(server, faults):
+    """The openai client cannot retry a stream that opened; the backend does, while nothing
+    has been passed on yet."""
+    backend = make_backend(server, max_retries=2)
+    clean = backend.generate(ASK, SHORT).text
+    faults.arrivals.clear()
+    faults.break_stream(1, after_pieces=0)
+
+    gen = backend.generate(ASK, SHORT)
+
+    assert faults.chat_requests == 2
+    assert gen.text == clean
+
+
+@pytest.mark.model
+def test_a_stream_that_breaks_after_tokens_fails_without_repeating_them(server, faults):
+    backend = make_backend(server, max_retries=2)
+    clean = list(backend.stream(ASK, SHORT))
+    assert len(clean) > 2
+    faults.arrivals.clear()
+    faults.break_stream(1, after_pieces=2)
+
+    seen: list[str] = []
+    with pytest.raises(BackendError) as caught:
+        for piece in backend.stream(ASK, SHORT):
+            seen.append(piece)
+
+    assert caught.value.retryable and "failed mid-answer" in str(caught.value)
+    assert faults.chat_requests == 1  # not asked again: the pieces cannot be taken back
+    assert seen == clean[:2]
+    assert list(backend.stream(ASK, SHORT)) == clean  # the next request is answered whole
+
+
 def test_server_down_fails_fast_and_names_the_url(caplog):
     url = closed_port_url()
     backend = make_backend(url, max_retries=2)

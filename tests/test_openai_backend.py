@@ -181,6 +181,22 @@ def test_429_retry_after_is_honoured(server, faults):
 
 
 @pytest.mark.model
+def test_a_retry_after_past_two_minutes_hands_the_job_back_at_once(server, faults):
+    """The worker does not sit on a job for longer than two minutes: the error is retryable,
+    so the job goes back to the queue (with the queue's own wait)."""
+    faults.fail(1, status=429, retry_after="600")
+    backend = make_backend(server, max_retries=2)
+
+    started = time.monotonic()
+    with pytest.raises(BackendError) as caught:
+        backend.generate(ASK, SHORT)
+
+    assert time.monotonic() - started < 10
+    assert caught.value.retryable and "with no retries" in str(caught.value)
+    assert faults.chat_requests == 1
+
+
+@pytest.mark.model
 def test_gives_up_after_max_retries(server, faults):
     faults.fail(10, status=503)
     backend = make_backend(server, max_retries=2)

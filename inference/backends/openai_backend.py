@@ -48,7 +48,9 @@ _CONTEXT_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 _RETRY_STATUSES = frozenset({408, 429})  # and every 5xx: what the client retried before
-_LONGEST_RETRY_AFTER = 120.0  # seconds; a longer Retry-After is cut to this
+# Seconds: the client does not retry after a longer Retry-After (openai's
+# MAX_RETRY_AFTER_DELAY); a broken stream's retry waits at most this long.
+_LONGEST_RETRY_AFTER = 120.0
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -285,9 +287,9 @@ class OpenAIBackend:
         except openai.APIError as exc:
             failure = self._translate(exc, model or self.model)
             if isinstance(failure, _Retry):
-                raise BackendError(
-                    self._gave_up(failure.message, self.settings.max_retries), retryable=True
-                ) from exc
+                waits_too_long = (failure.retry_after or 0) > _LONGEST_RETRY_AFTER
+                retries = 0 if waits_too_long else self.settings.max_retries
+                raise BackendError(self._gave_up(failure.message, retries), retryable=True) from exc
             raise failure from exc
 
     def _translate(self, exc: openai.APIError, model: str) -> Exception:

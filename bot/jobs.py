@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.exc import IntegrityError
 
 from bot import leases
-from bot.store.db import Store
+from bot.store.db import Store, insert_or_get
 from bot.store.models import Job, Request, utcnow
 
 log = logging.getLogger(__name__)
@@ -74,27 +73,17 @@ def submit(
         if existing is not None:
             job = existing.jobs[0]
             return Submitted(existing.id, job.id, created=False)
-    try:
-        with store.session() as s:
-            req = Request(
-                idempotency_key=key,
-                source=source,
-                repo=repo,
-                requirement=text,
-                truncated=truncated,
-                requester=requester,
-                reply_to=reply_to or {},
-            )
-            s.add(req)
-            s.flush()
-            job = Job(key=f"create:{key}", request_id=req.id, kind="create")
-            s.add(job)
-            s.flush()
-            return Submitted(req.id, job.id, created=True)
-    except IntegrityError:  # a concurrent delivery of the same request won the insert
-        with store.session() as s:
-            req = s.scalar(select(Request).where(Request.idempotency_key == key))
-            return Submitted(req.id, req.jobs[0].id, created=False)
+    with store.session() as s:
+        request_id, created = insert_or_get(s, Request, dict(
+            idempotency_key=key, source=source, repo=repo, requirement=text,
+            truncated=truncated, requester=requester, reply_to=reply_to or {},
+        ), key=("idempotency_key",))
+        if not created:  # a concurrent delivery of the same request won the insert
+            return Submitted(request_id, s.get(Request, request_id).jobs[0].id, created=False)
+        job = Job(key=f"create:{key}", request_id=request_id, kind="create")
+        s.add(job)
+        s.flush()
+        return Submitted(request_id, job.id, created=True)
 
 
 def submit_revision(
@@ -114,16 +103,10 @@ def add_job(
         existing = s.scalar(select(Job.id).where(Job.key == key))
         if existing is not None:
             return existing, False
-    try:
-        with store.session() as s:
-            job = Job(key=key, request_id=request_id, kind=kind,
-                      pull_request_id=pull_request_id, feedback=feedback)
-            s.add(job)
-            s.flush()
-            return job.id, True
-    except IntegrityError:  # a concurrent caller with the same key won the insert
-        with store.session() as s:
-            return s.scalar(select(Job.id).where(Job.key == key)), False
+    with store.session() as s:  # a concurrent caller with the same key may win the insert
+        return insert_or_get(s, Job, dict(key=key, request_id=request_id, kind=kind,
+                                          pull_request_id=pull_request_id, feedback=feedback),
+                             key=("key",))
 
 
 # ---------------------------------------------------------------- leases

@@ -53,6 +53,8 @@ class Faults:
     retry_after: str | None = None  # Retry-After header sent with the failures
     delay_seconds: float = 0.0  # wait this long before answering each chat request
     max_model_len: int | None = None  # context limit (default: the backend's context_tokens)
+    break_streams: int = 0  # break the next N streamed answers with vLLM's error event ...
+    break_after: int = 0  # ... after this many content pieces
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each chat request
     bodies: list[dict] = field(default_factory=list)  # JSON body of each chat request
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -60,6 +62,18 @@ class Faults:
     def fail(self, times: int, status: int = 503, *, retry_after: str | None = None) -> None:
         with self.lock:
             self.fail_next, self.fail_status, self.retry_after = times, status, retry_after
+
+    def break_stream(self, times: int, *, after_pieces: int) -> None:
+        with self.lock:
+            self.break_streams, self.break_after = times, after_pieces
+
+    def _breaks(self) -> int | None:
+        """Content pieces this streamed answer gets before it breaks (None: it does not)."""
+        with self.lock:
+            if self.break_streams > 0:
+                self.break_streams -= 1
+                return self.break_after
+            return None
 
     @property
     def chat_requests(self) -> int:
@@ -331,7 +345,8 @@ def build_app(
                 return context_error(first[1])
             return _error(500, f"generation failed: {first[1]}")
         return StreamingResponse(
-            _sse(first, events, model=model, stop=params.stop, include_usage=include_usage),
+            _sse(first, events, model=model, stop=params.stop, include_usage=include_usage,
+                 break_after=faults._breaks()),
             media_type="text/event-stream",
         )
 
@@ -366,7 +381,8 @@ def _n_answers(backend: Backend, messages, params: GenerationParams, n: int,
     })
 
 
-def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -> Iterator[bytes]:
+def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool,
+         break_after: int | None = None) -> Iterator[bytes]:
     """Server-sent events, vLLM's shape: a role chunk, content chunks, a finish chunk, the
     usage chunk (choices: []) when asked for, then [DONE]. Starlette runs this in a thread."""
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -386,6 +402,12 @@ def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -
     def delta(content: str) -> bytes:
         return chunk([{"index": 0, "delta": {"content": content}, "finish_reason": None}])
 
+    def error_event(message: str) -> bytes:  # a mid-stream failure: vLLM sends an error event
+        body = {"error": {"message": message, "type": "InternalServerError", "param": None,
+                          "code": 500}}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    sent = 0
     yield chunk(
         [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     )
@@ -395,18 +417,14 @@ def _sse(first, events: queue.Queue, *, model: str, stop, include_usage: bool) -
         kind, value = event
         if kind == "text":
             out = cut.feed(value)
+            if out and break_after is not None and sent >= break_after:
+                yield error_event("injected failure (the stream broke)")
+                return
             if out:
+                sent += 1
                 yield delta(out)
-        elif kind == "error":  # mid-stream failure: vLLM sends an error event
-            body = {
-                "error": {
-                    "message": f"generation failed: {value}",
-                    "type": "InternalServerError",
-                    "param": None,
-                    "code": 500,
-                }
-            }
-            yield f"data: {json.dumps(body)}\n\n".encode()
+        elif kind == "error":
+            yield error_event(f"generation failed: {value}")
             return
         else:
             gen: Generation = value

@@ -16,8 +16,9 @@ PACKAGES = ("bot", "inference", "feedback", "training")
 
 # Parts, by module name prefix (the longest match wins).
 PARTS = {
-    "bot.ports": "kernel", "bot.settings": "kernel", "bot.store": "kernel", "bot.git": "kernel",
-    "bot.logs": "kernel", "bot.leases": "kernel", "bot.scrub": "kernel",
+    "bot.ports": "kernel", "bot.settings": "kernel", "bot.repo_config": "kernel",
+    "bot.store": "kernel", "bot.git": "kernel", "bot.logs": "kernel", "bot.leases": "kernel",
+    "bot.scrub": "kernel",
     "inference": "inference",
     # The model server's client (served models, runtime LoRA loading, load): inference-side,
     # and it imports only the kernel and inference.

@@ -157,14 +157,14 @@ def test_list_models(server):
 @pytest.mark.model
 def test_two_503s_then_success(server, faults):
     faults.fail(2, status=503)
-    delays: list[float] = []
-    backend = make_backend(server, max_retries=3, sleep=lambda s: (delays.append(s), time.sleep(s)))
+    backend = make_backend(server, max_retries=3)
 
     gen = backend.generate(ASK, GenerationParams(max_tokens=8))
 
     assert gen.text.strip()
     assert faults.chat_requests == 3
-    assert len(delays) == 2 and all(d <= 2 * FAST_BACKOFF * 2 for d in delays)
+    first, second = (b - a for a, b in zip(faults.arrivals, faults.arrivals[1:]))
+    assert 0 < first < second < 5, (first, second)  # backs off, and not for long
 
 
 @pytest.mark.model
@@ -178,6 +178,22 @@ def test_429_retry_after_is_honoured(server, faults):
     assert faults.chat_requests == 2
     waited = faults.arrivals[1] - faults.arrivals[0]
     assert waited >= 0.95, f"retried after {waited:.2f} s despite Retry-After: 1"
+
+
+@pytest.mark.model
+def test_a_retry_after_past_two_minutes_hands_the_job_back_at_once(server, faults):
+    """The worker does not sit on a job for longer than two minutes: the error is retryable,
+    so the job goes back to the queue (with the queue's own wait)."""
+    faults.fail(1, status=429, retry_after="600")
+    backend = make_backend(server, max_retries=2)
+
+    started = time.monotonic()
+    with pytest.raises(BackendError) as caught:
+        backend.generate(ASK, SHORT)
+
+    assert time.monotonic() - started < 10
+    assert caught.value.retryable and "with no retries" in str(caught.value)
+    assert faults.chat_requests == 1
 
 
 @pytest.mark.model
@@ -207,21 +223,57 @@ def test_timeouts_are_retried_then_reported(server, faults):
     assert faults.chat_requests == 2
 
 
-def test_server_down_fails_fast_and_names_the_url():
+@pytest.mark.model
+def test_a_stream_that_breaks_before_its_first_token_is_asked_again(server, faults):
+    """The openai client cannot retry a stream that opened; the backend does, while nothing
+    has been passed on yet."""
+    backend = make_backend(server, max_retries=2)
+    clean = backend.generate(ASK, SHORT).text
+    faults.arrivals.clear()
+    faults.break_stream(1, after_pieces=0)
+
+    gen = backend.generate(ASK, SHORT)
+
+    assert faults.chat_requests == 2
+    assert gen.text == clean
+
+
+@pytest.mark.model
+def test_a_stream_that_breaks_after_tokens_fails_without_repeating_them(server, faults):
+    backend = make_backend(server, max_retries=2)
+    clean = list(backend.stream(ASK, SHORT))
+    assert len(clean) > 2
+    faults.arrivals.clear()
+    faults.break_stream(1, after_pieces=2)
+
+    seen: list[str] = []
+    with pytest.raises(BackendError) as caught:
+        for piece in backend.stream(ASK, SHORT):
+            seen.append(piece)
+
+    assert caught.value.retryable and "failed mid-answer" in str(caught.value)
+    assert faults.chat_requests == 1  # not asked again: the pieces cannot be taken back
+    assert seen == clean[:2]
+    assert list(backend.stream(ASK, SHORT)) == clean  # the next request is answered whole
+
+
+def test_server_down_fails_fast_and_names_the_url(caplog):
     url = closed_port_url()
-    delays: list[float] = []
-    backend = make_backend(url, max_retries=2, sleep=lambda s: (delays.append(s), time.sleep(s)))
+    backend = make_backend(url, max_retries=2)
 
     started = time.monotonic()
-    with pytest.raises(BackendError) as caught:
-        backend.generate(ASK, GenerationParams(max_tokens=16))
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(BackendError) as caught:
+            backend.generate(ASK, GenerationParams(max_tokens=16))
 
     assert time.monotonic() - started < 5
     assert caught.value.retryable
     assert str(caught.value).startswith(
         f"cannot reach the model server at {url}: connection refused (is vLLM running?)"
     )
-    assert len(delays) == 2  # bounded: max_retries retries, then the error
+    # bounded: max_retries retries (the openai client logs each), then the error
+    retries = [r for r in caplog.records if "retry" in r.getMessage() and "of 2" in r.getMessage()]
+    assert len(retries) == 2, [r.getMessage() for r in caplog.records]
 
 
 def test_stream_consumer_sees_the_error_before_any_text():

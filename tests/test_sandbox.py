@@ -7,7 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from bot.sandbox import _python_roots, run_sandboxed, self_test
+from bot.sandbox import run_sandboxed, self_test
+from bot.sandbox.command import python_roots
 from bot.scrub import Scrubber, variants
 from bot.settings import SandboxSettings
 
@@ -54,7 +55,7 @@ def test_inside_the_sandbox(tmp_path):
     root = set(lines[3:lines.index(next(x for x in lines if x.startswith("CapEff")))])
     # The system's directories, the copy, and the top of codeloop's own Python installation
     # (bound read-only wherever the host keeps it: /root/.pyenv here, /check/... in CI).
-    python_tops = {Path(p).parts[1] for p in _python_roots()}
+    python_tops = {Path(p).parts[1] for p in python_roots()}
     assert root <= {"bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "proc",
                     "sbin", "tmp", "usr", "workspace"} | python_tops, root
     assert "run" not in root and "var" not in root and "srv" not in root

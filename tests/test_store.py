@@ -15,8 +15,18 @@ from sqlalchemy import func, select
 
 from bot import jobs
 from bot.pipeline import JobCancelled, Stages
-from bot.store.db import Store, schema_is_current
-from bot.store.models import Base, Job, JobStage, PullRequest, Request, ReviewSignal, Revision, utcnow
+from bot.store.db import Store, insert_or_get, schema_is_current
+from bot.store.models import (
+    Base,
+    Job,
+    JobStage,
+    PullRequest,
+    Request,
+    ReviewSignal,
+    Revision,
+    SlackThread,
+    utcnow,
+)
 from feedback.signals import SignalError, record_signal
 
 TABLES = {"requests", "jobs", "job_stages", "pull_requests", "revisions", "review_signals",
@@ -126,6 +136,38 @@ def test_concurrent_submits_of_one_request_make_one_job(store):
     assert len({(r.request_id, r.job_id) for r in results}) == 1
     assert sum(r.created for r in results) == 1
     assert count(store, Request) == 1 and count(store, Job) == 1
+
+
+def test_concurrent_insert_or_get_writes_one_row_and_all_callers_get_its_id(store):
+    request_id = submit(store).request_id
+
+    def insert(i):
+        with store.session() as s:
+            return insert_or_get(s, Job, dict(key="revise:review-1", request_id=request_id,
+                                              kind="revise", feedback=f"caller {i}"),
+                                 key=("key",))
+
+    results = all_at_once(8, insert)
+    assert sum(created for _, created in results) == 1
+    assert len({job_id for job_id, _ in results}) == 1
+    with store.session() as s:
+        row = s.scalar(select(Job).where(Job.key == "revise:review-1"))
+        assert row.id == results[0][0]
+        winner = next(i for i, (_, created) in enumerate(results) if created)
+        assert row.feedback == f"caller {winner}"  # the losers wrote nothing
+
+
+def test_insert_or_get_conflicting_on_another_unique_constraint_writes_nothing(store):
+    first, second = submit(store, "one").request_id, submit(store, "two").request_id
+    with store.session() as s:
+        assert insert_or_get(s, SlackThread, dict(channel_id="C1", thread_ts="1.0",
+                                                  request_id=first, user_id="U1"),
+                             key=("request_id",))[1]
+    with store.session() as s:  # same thread, other request: the thread's constraint holds
+        assert insert_or_get(s, SlackThread, dict(channel_id="C1", thread_ts="1.0",
+                                                  request_id=second, user_id="U2"),
+                             key=("request_id",)) == (None, False)
+    assert count(store, SlackThread) == 1
 
 
 # ---------------------------------------------------------------- leases

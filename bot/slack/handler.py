@@ -23,7 +23,6 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.webhook import WebhookClient
 from sqlalchemy import delete, func, select
-from sqlalchemy.exc import IntegrityError
 
 from bot import jobs
 from bot.deliveries import DeliveryView, Ignored
@@ -32,7 +31,7 @@ from bot.settings import Settings
 from bot.slack import events, messages
 from bot.slack.messages import escape
 from bot.slack.events import Ask, Button, Command, Skip, SlackPayloadError, ThreadReply
-from bot.store.db import Store
+from bot.store.db import Store, insert_or_get
 from bot.store.models import (
     Job,
     ModelVersion,
@@ -86,13 +85,10 @@ def thread_request(store: Store, channel: str, thread_ts: str) -> tuple[int, str
 def _remember_thread(
     store: Store, channel: str, thread_ts: str, request_id: int, user: str
 ) -> None:
-    try:
-        with store.session() as s:
-            if s.scalar(select(SlackThread.id).where(SlackThread.request_id == request_id)) is None:
-                s.add(SlackThread(channel_id=channel, thread_ts=thread_ts, request_id=request_id,
-                                  user_id=user))
-    except IntegrityError:  # recorded by a concurrent handling of the same message
-        pass
+    with store.session() as s:  # recorded once, even by a concurrent handling of the message
+        insert_or_get(s, SlackThread, dict(channel_id=channel, thread_ts=thread_ts,
+                                           request_id=request_id, user_id=user),
+                      key=("request_id",))
 
 
 def requester_label(settings: Settings, user: str) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -121,6 +122,32 @@ def schema_is_current(engine: Engine) -> bool:
     head = ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision() == head
+
+
+def insert_or_get(
+    session: Session, model: type, values: Mapping[str, Any], *, key: Sequence[str]
+) -> tuple[Any, bool]:
+    """Insert a row unless it would break a unique constraint: (its id, created).
+
+    `INSERT ... ON CONFLICT DO NOTHING RETURNING id` in the dialect of the session's engine
+    (SQLite or PostgreSQL). When a row with the same unique values exists, nothing is
+    written and the id of the row whose `key` columns equal `values` is returned (None if
+    the conflict was on another unique constraint). A concurrent insert of the same key
+    cannot fail the caller: PostgreSQL waits for the other transaction and then does
+    nothing, SQLite serialises the writers."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise StoreError(f"codeloop supports SQLite and PostgreSQL, not {dialect}")
+    stmt = insert(model).values(**values).on_conflict_do_nothing().returning(model.id)
+    new_id = session.scalar(stmt)
+    if new_id is not None:
+        return new_id, True
+    where = [getattr(model, column) == values[column] for column in key]
+    return session.scalar(select(model.id).where(*where)), False
 
 
 class Store:

@@ -1,8 +1,12 @@
 """Generation through an OpenAI-compatible server: vLLM first, any compatible server otherwise.
 
-The official `openai` client does the HTTP; this adapter decides what to send, retries what
-is worth retrying (429, 5xx, connection errors, timeouts) with exponential backoff and
-jitter, and turns the server's answers into the port's values and exceptions:
+The official `openai` client does the HTTP and its retries: a request that fails with 408,
+429, 5xx, a connection error or a timeout is sent again up to `backend.max_retries` times,
+after the server's Retry-After (up to two minutes) or an exponential backoff with jitter.
+What the client cannot retry is a stream that opened and then broke: this adapter retries
+that itself while no token has arrived, and never once a token was passed on (it cannot be
+taken back). It decides what to send and turns the server's answers into the port's values
+and exceptions:
 
 - a prompt that does not fit the context window -> `ContextTooLong` (the server's words);
 - an unknown model -> `BackendError` naming the models the server does serve;
@@ -31,7 +35,7 @@ import openai
 
 from bot.ports import BackendError, ContextTooLong, Generation, GenerationParams, Message
 from bot.settings import BackendSettings
-from inference.backends import collect
+from inference.backends import generation
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,10 @@ _CONTEXT_PATTERNS = re.compile(
     r"|prompt is too long|input tokens",
     re.IGNORECASE,
 )
-_RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
-_LONGEST_RETRY_AFTER = 120.0  # seconds; a longer Retry-After is cut to this
+_RETRY_STATUSES = frozenset({408, 429})  # and every 5xx: what the client retried before
+# Seconds: the client does not retry after a longer Retry-After (openai's
+# MAX_RETRY_AFTER_DELAY); a broken stream's retry waits at most this long.
+_LONGEST_RETRY_AFTER = 120.0
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -82,8 +88,9 @@ class OpenAIBackend:
         max_backoff_seconds: float = 20.0,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        """`backoff_seconds` is the first retry's nominal delay; each retry doubles it, up to
-        `max_backoff_seconds`, with random jitter. A server's Retry-After header wins."""
+        """`backoff_seconds` is the first nominal delay before a broken stream is asked again;
+        each retry doubles it, up to `max_backoff_seconds`, with random jitter. (Requests that
+        fail before a stream opens are retried by the `openai` client with its own backoff.)"""
         self.settings = settings
         self._url = settings.base_url.rstrip("/")
         self.base_url = _without_userinfo(self._url)  # for messages and logs
@@ -98,7 +105,7 @@ class OpenAIBackend:
             base_url=self._url,
             api_key=settings.api_key.get_secret_value(),
             timeout=settings.timeout_seconds,
-            max_retries=0,  # retries are ours, so only streams with no tokens yet are retried
+            max_retries=settings.max_retries,
         )
 
     def __repr__(self) -> str:  # no api key in reprs, logs or tracebacks
@@ -125,7 +132,7 @@ class OpenAIBackend:
         has its base model's; a server that reports none gets `context_tokens` or 2,048."""
         name = model or self.model
         if name not in self._windows:
-            page = self._with_retries("list models", lambda: self._client.models.list())
+            page = self._call(lambda: self._client.models.list())
             cards = {m.id: m for m in page.data}
             card = cards.get(name)
             own = _max_model_len(card) if card is not None else None
@@ -142,7 +149,7 @@ class OpenAIBackend:
 
     def list_models(self) -> list[str]:
         """The model and adapter names the server serves (GET /v1/models)."""
-        page = self._with_retries("list models", lambda: self._client.models.list())
+        page = self._call(lambda: self._client.models.list())
         return [m.id for m in page.data]
 
     def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[str]:
@@ -154,17 +161,8 @@ class OpenAIBackend:
         params: GenerationParams,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        started = time.perf_counter()
-        stats: dict = {}
-        text = collect(self._run(messages, params, stats), on_text)
-        return Generation(
-            text=params.prefix + text,
-            model=stats.get("model") or params.model or self.model,
-            prompt_tokens=stats.get("prompt_tokens", 0),
-            completion_tokens=stats.get("completion_tokens", 0),
-            seconds=time.perf_counter() - started,
-            finish_reason=stats.get("finish_reason", "stop"),
-        )
+        return generation(lambda stats: self._run(messages, params, stats), params,
+                          params.model or self.model, on_text)
 
     def generate_n(
         self, messages: list[Message], params: GenerationParams, n: int
@@ -174,9 +172,7 @@ class OpenAIBackend:
         kwargs.pop("stream_options", None)
         kwargs.update(stream=False, n=n)
         started = time.perf_counter()
-        reply = self._with_retries(
-            "generate", lambda: self._client.chat.completions.create(**kwargs)
-        )
+        reply = self._call(lambda: self._client.chat.completions.create(**kwargs))
         seconds = time.perf_counter() - started
         echo = params.prefix if params.prefix and not self.settings.supports_prefill else ""
         usage = reply.usage
@@ -237,11 +233,13 @@ class OpenAIBackend:
         model = kwargs["model"]
         # Without prefill the model writes the prefix itself; it is not part of the continuation.
         echo = params.prefix if params.prefix and not self.settings.supports_prefill else ""
+        # The client retried the request until the stream opened (`_call`). A stream that
+        # breaks before its first token is asked again here; after one, the error stands.
         attempt = 0
         while True:
             streamed = False
             try:
-                stream = self._open(kwargs, model)
+                stream = self._call(lambda: self._client.chat.completions.create(**kwargs), model)
                 with stream:
                     pieces = self._pieces(stream, stats, model)
                     for piece in _without_echo(pieces, echo) if echo else pieces:
@@ -260,12 +258,6 @@ class OpenAIBackend:
                     ) from failure
                 attempt += 1
                 self._wait(attempt, failure, "generate")
-
-    def _open(self, kwargs: dict, model: str):
-        try:
-            return self._client.chat.completions.create(**kwargs)
-        except openai.APIError as exc:
-            raise self._translate(exc, model) from exc
 
     def _pieces(self, stream, stats: dict, model: str) -> Iterator[str]:
         try:
@@ -288,21 +280,17 @@ class OpenAIBackend:
             raise _Retry(f"the connection broke: {exc}") from exc
 
     # ------------------------------------------------------------------ errors and retries
-    def _with_retries(self, what: str, call: Callable):
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except openai.APIError as exc:
-                failure = self._translate(exc, self.model)
-                if not isinstance(failure, _Retry):
-                    raise failure from exc
-                if attempt >= self.settings.max_retries:
-                    raise BackendError(
-                        self._gave_up(failure.message, attempt), retryable=True
-                    ) from exc
-            attempt += 1
-            self._wait(attempt, failure, what)
+    def _call(self, call: Callable, model: str | None = None):
+        """One call through the client, which has retried what was worth retrying."""
+        try:
+            return call()
+        except openai.APIError as exc:
+            failure = self._translate(exc, model or self.model)
+            if isinstance(failure, _Retry):
+                waits_too_long = (failure.retry_after or 0) > _LONGEST_RETRY_AFTER
+                retries = 0 if waits_too_long else self.settings.max_retries
+                raise BackendError(self._gave_up(failure.message, retries), retryable=True) from exc
+            raise failure from exc
 
     def _translate(self, exc: openai.APIError, model: str) -> Exception:
         """A `_Retry` for what a later attempt may fix; the port's exception otherwise."""
@@ -335,7 +323,7 @@ class OpenAIBackend:
 
     def _not_found(self, model: str, message: str) -> str:
         try:  # one try: this only words an error that is already certain
-            served = [m.id for m in self._client.models.list().data]
+            served = [m.id for m in self._client.with_options(max_retries=0).models.list().data]
         except openai.APIError:
             served = None
         if served is not None and model not in served:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bot.ports import BackendError, ContextTooLong, Generation, GenerationParams, Message
-from inference.backends import collect
+from inference.backends import generation
 
 log = logging.getLogger(__name__)
 
@@ -202,21 +202,9 @@ class TransformersBackend:
         params: GenerationParams,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        started = time.perf_counter()
-        stats: dict = {}
-        text = collect(self._run(messages, params, stats), on_text)
-        for stop in params.stop:  # stop strings are part of the output in transformers
-            cut = text.find(stop)
-            if cut >= 0:
-                text = text[:cut]
-        return Generation(
-            text=params.prefix + text,
-            model=stats.get("model", self.model_name),
-            prompt_tokens=stats.get("prompt_tokens", 0),
-            completion_tokens=stats.get("completion_tokens", 0),
-            seconds=time.perf_counter() - started,
-            finish_reason=stats.get("finish_reason", "stop"),
-        )
+        # Stop strings are part of the output in transformers: the answer is cut at them.
+        return generation(lambda stats: self._run(messages, params, stats), params,
+                          self.model_name, on_text, stops_in_output=True)
 
 
 class _StopOnText:

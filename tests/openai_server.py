@@ -145,6 +145,8 @@ def _parse(body: dict) -> tuple[list[Message], GenerationParams, bool, bool]:
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
+    if len(stop) > 4:  # vLLM's protocol model (and OpenAI's API) take at most four
+        raise _BadRequest(f"stop: List should have at most 4 items after validation, not {len(stop)}")
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
     temperature = body.get("temperature")
     structured = body.get("structured_outputs") or {}

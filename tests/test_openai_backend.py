@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,27 @@ def test_generate_returns_the_models_text_and_token_counts(server, embedded, fau
         and sent["temperature"] == 0
     )
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.model
+def test_more_than_four_stop_strings_are_cut_here_not_refused(server, faults):
+    """The server takes at most four stop strings (vLLM answers 400 to more); the pipeline's
+    one-definition edits send six. The rest are applied to the answer as it arrives."""
+    backend = make_backend(server)
+    params = GenerationParams(max_tokens=24, temperature=0.0)
+    whole = backend.generate(ASK, params).text
+    words = whole.split()
+    assert len(words) > 4, whole
+    late = " " + words[3]  # a stop string the answer reaches after some text
+    stops = ("<<no1>>", "<<no2>>", "<<no3>>", "<<no4>>", "<<no5>>", late)
+    expected = whole[: whole.find(late)]
+    cut = replace(params, stop=stops)
+
+    gen = backend.generate(ASK, cut)
+    assert faults.bodies[-1]["stop"] == list(stops[:4])
+    assert gen.text == expected and gen.finish_reason == "stop"
+    assert "".join(backend.stream(ASK, cut)) == expected
+    assert [g.text for g in backend.generate_n(ASK, cut, 2)] == [expected, expected]
 
 
 @pytest.mark.model

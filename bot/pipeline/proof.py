@@ -58,7 +58,9 @@ def requirement_test_spec(ports: Ports, stages: Stages, job: JobInput, workdir: 
         if prefilled and gen.finish_reason == "stop" and text.count("```") == 1:
             text = text.rstrip() + "\n```\n"
         test, why = reqtests.parse_model_test(text, workdir)
-        return {"test": test, "why": why}
+        # Its tokens count in the job's totals (stats, bench/replay.py) like any generation's.
+        return {"test": test, "why": why, "prompt_tokens": gen.prompt_tokens,
+                "completion_tokens": gen.completion_tokens}
 
     written = stages.run("requirement-test", stage_test, "writing a test of the requirement")
     spec["model_test"] = written["test"]

@@ -26,7 +26,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
@@ -35,7 +35,7 @@ import openai
 
 from bot.ports import BackendError, ContextTooLong, Generation, GenerationParams, Message
 from bot.settings import BackendSettings
-from inference.backends import generation
+from inference.backends import cut_at_stop, generation
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ _CONTEXT_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 _RETRY_STATUSES = frozenset({408, 429})  # and every 5xx: what the client retried before
+# The OpenAI API, and vLLM's server with it, refuse more than 4 stop strings (HTTP 400:
+# "List should have at most 4 items"); the rest are applied here, to the answer as it arrives.
+_SERVER_STOPS = 4
 # Seconds: the client does not retry after a longer Retry-After (openai's
 # MAX_RETRY_AFTER_DELAY); a broken stream's retry waits at most this long.
 _LONGEST_RETRY_AFTER = 120.0
@@ -153,7 +156,7 @@ class OpenAIBackend:
         return [m.id for m in page.data]
 
     def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[str]:
-        yield from self._run(messages, params, stats={})
+        yield from self._stopped(self._run(messages, params, stats={}), params.stop, {})
 
     def generate(
         self,
@@ -161,8 +164,38 @@ class OpenAIBackend:
         params: GenerationParams,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        return generation(lambda stats: self._run(messages, params, stats), params,
-                          params.model or self.model, on_text)
+        return generation(
+            lambda stats: self._stopped(self._run(messages, params, stats), params.stop, stats),
+            params, params.model or self.model, on_text)
+
+    @staticmethod
+    def _stopped(pieces: Iterator[str], stops: Sequence[str], stats: dict) -> Iterator[str]:
+        """The stop strings the server was not sent (past its limit) applied to the stream:
+        the text ends before the first of them, and the stream is closed there (the server
+        stops generating when the client goes). Up to the longest stop's length less one
+        character is held back, so a stop split across pieces is found."""
+        local = [s for s in stops[_SERVER_STOPS:] if s]
+        if not local:
+            yield from pieces
+            return
+        hold = max(map(len, local)) - 1
+        buf = ""
+        for piece in pieces:
+            buf += piece
+            cut = cut_at_stop(buf, local)
+            if len(cut) < len(buf):
+                if cut:
+                    yield cut
+                stats["finish_reason"] = "stop"
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()
+                return
+            if len(buf) > hold:
+                yield buf[: len(buf) - hold]
+                buf = buf[len(buf) - hold:]
+        if buf:
+            yield buf
 
     def generate_n(
         self, messages: list[Message], params: GenerationParams, n: int
@@ -181,6 +214,8 @@ class OpenAIBackend:
             text = choice.message.content or ""
             if echo and text.startswith(echo):
                 text = text[len(echo):]
+            cut = cut_at_stop(text, params.stop[_SERVER_STOPS:])
+            stopped_here, text = len(cut) < len(text), cut
             out.append(Generation(
                 text=params.prefix + text,
                 model=reply.model or params.model or self.model,
@@ -188,7 +223,8 @@ class OpenAIBackend:
                 completion_tokens=((usage.completion_tokens or 0) // max(len(reply.choices), 1))
                 if usage else 0,
                 seconds=seconds,
-                finish_reason="length" if choice.finish_reason == "length" else "stop",
+                finish_reason=("length" if choice.finish_reason == "length" and not stopped_here
+                               else "stop"),
             ))
         if not out:
             raise BackendError(f"the model server at {self.base_url} returned no answer",
@@ -206,7 +242,7 @@ class OpenAIBackend:
             "stream_options": {"include_usage": True},
         }
         if params.stop:
-            kwargs["stop"] = list(params.stop)
+            kwargs["stop"] = list(params.stop)[:_SERVER_STOPS]  # the rest: _stopped, cut_at_stop
         extra: dict = {}
         if params.choice and params.regex:
             raise BackendError("ask for a choice or a regex, not both")

@@ -8,12 +8,12 @@ import re
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from bot import jobs
 from bot.deliveries import DeliveryView, Ignored
 from bot.forges.github import describe
 from bot.github import events
+from bot.store.db import insert_or_get
 from bot.store.models import Job, MergedChange, PullRequest, utcnow
 from feedback.signals import record_signal
 
@@ -129,30 +129,26 @@ def _store_merged(h: GitHubHandler, ev: events.PullRequestClosed, pr_id: int | N
                 issue_no,
                 describe(exc),
             )
-    try:
-        with h.store.session() as s:
-            s.add(
-                MergedChange(
-                    forge="github",
-                    repo=ev.repo,
-                    external_id=str(ev.number),
-                    title=ev.title,
-                    body=ev.body,
-                    issue_number=issue_no,
-                    issue_title=issue_title,
-                    issue_body=issue_body,
-                    diff=diff,
-                    base_sha=ev.base_sha,
-                    base_ref=ev.base_ref or None,
-                    merge_sha=ev.merge_sha,
-                    author=ev.author or None,
-                    by_bot=pr_id is not None,
-                    pull_request_id=pr_id,
-                    **({"merged_at": _when(ev.merged_at)} if _when(ev.merged_at) else {}),
-                )
-            )
-    except IntegrityError:
-        pass  # stored by a concurrent redelivery
+    values = {
+        "forge": "github",
+        "repo": ev.repo,
+        "external_id": str(ev.number),
+        "title": ev.title,
+        "body": ev.body,
+        "issue_number": issue_no,
+        "issue_title": issue_title,
+        "issue_body": issue_body,
+        "diff": diff,
+        "base_sha": ev.base_sha,
+        "base_ref": ev.base_ref or None,
+        "merge_sha": ev.merge_sha,
+        "author": ev.author or None,
+        "by_bot": pr_id is not None,
+        "pull_request_id": pr_id,
+        **({"merged_at": _when(ev.merged_at)} if _when(ev.merged_at) else {}),
+    }
+    with h.store.session() as s:  # once: a concurrent redelivery may have stored it
+        insert_or_get(s, MergedChange, values, key=("forge", "repo", "external_id"))
     return True
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -42,6 +43,14 @@ DEPENDENCY_FILES = (
     "uv.lock", "Pipfile", "Pipfile.lock", "pdm.lock", "tox.ini", "constraints.txt",
 )
 READY = ".codeloop-ready"  # written last: an environment without it is unfinished
+# Files the set-up steps created inside the repository's copy (a version file written by
+# setuptools-scm or hatch-vcs, compiled extensions, egg-info): kept with the environment and
+# put into every test run's copy, where an editable install expects them.
+BUILD_FILES = "codeloop-build-files"
+_BUILD_FILES_LIMIT = 256 * 1024 * 1024  # bytes; a set-up that writes more keeps none
+_NOT_BUILD_FILES = ("__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".tox")
+# A tag that is a plain PEP 440 release (v1.2.3, 2.0rc1); anything else is not passed on.
+_RELEASE_TAG = re.compile(r"v?(\d+(?:\.\d+)*(?:(?:a|b|rc)\d+)?(?:\.post\d+)?(?:\.dev\d+)?)")
 
 
 class SetupFailed(Exception):
@@ -117,8 +126,14 @@ def ensure(settings: Settings, config: RepoConfig, workdir: Path, sha: str,
         _make_venv(building)
         copy = scratch / "repo"
         copy_tree(workdir, copy)
+        before = set(_tree_files(copy))
+        version = vcs_version(workdir, sha)
         for step in steps:
-            result = run_sandboxed(step, copy, settings.sandbox, secrets=secrets, network=True,
+            # The copy has no .git (nothing in the sandbox reaches the bot's git), so a build
+            # that takes its version from git (setuptools-scm, hatch-vcs) is told it.
+            command = (f': "${{SETUPTOOLS_SCM_PRETEND_VERSION:={version}}}"; '
+                       f"export SETUPTOOLS_SCM_PRETEND_VERSION\n{step}")
+            result = run_sandboxed(command, copy, settings.sandbox, secrets=secrets, network=True,
                                    env_dir=building, env_writable=True,
                                    timeout=settings.sandbox.setup_timeout_seconds)
             if not result.ok:
@@ -132,8 +147,9 @@ def ensure(settings: Settings, config: RepoConfig, workdir: Path, sha: str,
                     "at /env (first on PATH) and the repository at /workspace. Fix `setup:` "
                     "in .codeloop.yml (or the files it installs) and ask again."
                 )
+        kept = _keep_build_files(copy, before, building / BUILD_FILES)
         (building / READY).write_text(json.dumps({"steps": steps, "interpreter": interpreter(),
-                                                  "sha": sha}))
+                                                  "sha": sha, "build_files": kept}))
         try:
             building.rename(final)
         except OSError:  # another worker finished the same environment first
@@ -145,6 +161,66 @@ def ensure(settings: Settings, config: RepoConfig, workdir: Path, sha: str,
         remove_tree(scratch)
     evict(settings, keep=key)
     return Environment(key, final, True, time.perf_counter() - started, tuple(steps))
+
+
+def vcs_version(workdir: Path, sha: str) -> str:
+    """The release the commit descends from (its newest reachable tag, when that is a plain
+    PEP 440 version), else 0.0.0: what setuptools-scm would have found in the clone."""
+    tag = git.git(workdir, "describe", "--tags", "--abbrev=0", sha, check=False).strip()
+    match = _RELEASE_TAG.fullmatch(tag)
+    return match.group(1) if match else "0.0.0"
+
+
+def _tree_files(root: Path):
+    """Relative paths of the regular files under `root` (symbolic links are not followed)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _NOT_BUILD_FILES]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if path.is_file() and not path.is_symlink() and not name.endswith(".pyc"):
+                yield path.relative_to(root).as_posix()
+
+
+def _keep_build_files(copy: Path, before: set[str], dest: Path) -> list[str]:
+    """Copy the regular files the set-up created in the repository's copy to `dest`."""
+    new = sorted(set(_tree_files(copy)) - before)
+    if sum((copy / rel).stat().st_size for rel in new) > _BUILD_FILES_LIMIT:
+        log.warning("set-up wrote over %d MB into the repository; none of it is kept",
+                    _BUILD_FILES_LIMIT >> 20)
+        return []
+    for rel in new:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(copy / rel, target, follow_symlinks=False)
+    return new
+
+
+def add_build_files(env_dir: Path | None, copy: Path) -> list[str]:
+    """Put the files the set-up created in the repository (see BUILD_FILES) into a test run's
+    copy, where that copy has none of its own (a change's file is never replaced)."""
+    source = env_dir / BUILD_FILES if env_dir is not None else None
+    if source is None or not source.is_dir():
+        return []
+    added = []
+    for rel in _tree_files(source):
+        target = copy / rel
+        if target.exists() or target.is_symlink():
+            continue
+        if not _no_links_between(copy, rel):
+            continue  # never write through a link the change put in the tree
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, target, follow_symlinks=False)
+        added.append(rel)
+    return added
+
+
+def _no_links_between(root: Path, rel: str) -> bool:
+    path = root
+    for part in Path(rel).parts[:-1]:
+        path = path / part
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            return False
+    return True
 
 
 def _make_venv(path: Path) -> None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bot.environments import add_build_files
 from bot.ports import CheckResult, ValidationResult
 from bot.sandbox import SandboxUnavailable, copy_tree, probe, remove_tree, run_sandboxed
 from bot.scrub import scrub
@@ -230,6 +231,7 @@ def run_tests(
         copy = root / "repo"
         try:
             copy_tree(Path(workdir), copy)
+            add_build_files(env_dir, copy)
         except (OSError, shutil.Error) as exc:
             raise SandboxError(f"could not copy the working tree: {exc}") from exc
         try:

@@ -102,6 +102,60 @@ def test_set_up_builds_once_and_the_tests_use_it_without_network(sqlite_settings
     assert other.path.is_dir() and not cold.path.exists()
 
 
+VERSIONED_TESTS = '''from pkg import __version__, double
+
+
+def test_double():
+    assert double(2) == 4
+
+
+def test_version_from_the_tag():
+    assert __version__ == "2.5.1"
+'''
+# As setuptools-scm or hatch-vcs do in an editable install: the build writes the version file
+# into the source tree, from git or from SETUPTOOLS_SCM_PRETEND_VERSION when there is no git.
+WRITE_VERSION = '''import os, pathlib
+version = os.environ["SETUPTOOLS_SCM_PRETEND_VERSION"]
+assert not pathlib.Path(".git").exists()
+pathlib.Path("pkg/_version.py").write_text(f"__version__ = {version!r}\\n")
+'''
+
+
+def test_files_the_set_up_writes_into_the_tree_reach_every_test_run(sqlite_settings, tmp_path):
+    """A version file generated at install time (ignored by git, as setuptools-scm's is) is in
+    the copy the tests run on; the version comes from the commit's tag, since the sandbox's
+    copy has no .git. A change's own file is never replaced, and a link the change puts in
+    the way is not written through."""
+    repo = make_repo(tmp_path / "repo", {
+        "pkg/__init__.py": "from pkg._version import __version__\n\n\ndef double(x):\n"
+                           "    return 2 * x\n",
+        "test_pkg.py": VERSIONED_TESTS, "write_version.py": WRITE_VERSION,
+        ".gitignore": "pkg/_version.py\n",
+    }, config="test_command: python -m pytest -q -p no:cacheprovider\n"
+              "setup:\n  - python write_version.py\n")
+    git_out(repo, "tag", "v2.5.1")
+    sha = git_out(repo, "rev-parse", "HEAD").strip()
+    config = parse_repo_config((repo / ".codeloop.yml").read_text())
+    without = run_tests(repo, config.test_command, sqlite_settings.sandbox)
+    assert not without.ok and "pkg._version" in without.output
+    env = ensure(sqlite_settings, config, repo, sha)
+    assert not (repo / "pkg/_version.py").exists()  # the user's tree is untouched
+    result = run_tests(repo, config.test_command, sqlite_settings.sandbox, env_dir=env.path)
+    assert result.ok and "2 passed" in result.output, result.output
+    # The change brings its own version file: that one is tested.
+    (repo / "pkg/_version.py").write_text("__version__ = '9.9'\n")
+    result = run_tests(repo, config.test_command, sqlite_settings.sandbox, env_dir=env.path)
+    assert not result.ok and "'9.9' == '2.5.1'" in result.output
+    # A change that makes pkg a link to somewhere else gets nothing written through it.
+    (repo / "pkg/_version.py").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (repo / "pkg").rename(tmp_path / "pkg-moved")
+    (repo / "pkg").symlink_to(outside)
+    run_tests(repo, config.test_command, sqlite_settings.sandbox, env_dir=env.path)
+    assert list(outside.iterdir()) == []
+
+
 def test_a_failing_set_up_fails_the_job_before_generation(sqlite_settings, tmp_path):
     repo = make_repo(tmp_path / "repo", {"titles.py": TITLES},
                      config="test_command: python -m pytest -q\n"

@@ -1,14 +1,15 @@
 """Learning-loop benchmark on a real repository's git history.
 
     python bench/learning.py REPO_PATH [--commits 40] [--steps 6] [--max-seq-len 384]
-        [--replay-jobs N]
+        [--replay-jobs N] [--test-command CMD]
 
 Commits become merged changes (their messages the requirements), the dataset builder splits
 them by time, codeloop's trainer trains on the older part, and the table shows the held-out
 mean token loss before and after, and training tokens/s with the padding share against a
 plain TRL `SFTTrainer` with its default settings (same data, same LoRA config, same number
-of examples seen). With `--replay-jobs N` it also runs bench/replay.py on the held-out
-commits with the base model and with the adapter (resolved share through the whole pipeline).
+of examples seen). With `--replay-jobs N` it also replays up to N held-out changes through the
+whole pipeline with the base model and with the adapter, as the evaluation gate does
+(training/evaluate.py `replay_resolved`, the core of bench/replay.py): the resolved share.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.settings import EmbeddedSettings, Settings, StoreSettings, TrainingSettings  # noqa: E402
 from bot.store.db import Store  # noqa: E402
-from training.dataset import build_dataset, import_git_history  # noqa: E402
+from training.dataset import build_dataset  # noqa: E402
+from training.sources import import_git_history  # noqa: E402
 
 
 def heldout_loss(model_dir: Path, adapter: Path | None, examples, max_len: int) -> float:
@@ -131,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds the plain SFTTrainer run may take before it is stopped")
     p.add_argument("--plain-child", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--replay-jobs", type=int, default=0,
-                   help="also replay up to N held-out commits through the whole pipeline with "
-                   "the base model and with the adapter (bench/replay.py, when present)")
+                   help="also replay up to N held-out changes through the whole pipeline with "
+                   "the base model and with the adapter (the gate's resolved share)")
+    p.add_argument("--test-command", default="python -m pytest -q -x -p no:cacheprovider",
+                   help="the repository's test command for the replay (its .codeloop.yml's "
+                   "when it has one)")
     args = p.parse_args(argv)
     if args.plain_child:
         out, model_dir, seen = Path(args.plain_child[0]), Path(args.plain_child[1]), \
@@ -199,26 +204,44 @@ def main(argv: list[str] | None = None) -> int:
               f"{plain['gradient_checkpointing']}, bf16 {plain['bf16']}) | {plain['steps']} x "
               f"{plain['batch']} | {plain['tokens']} | {secs} | {rate_text} | {share:.1%} |")
     if args.replay_jobs:
-        replay_heldout(repo, len(data.heldout), args.replay_jobs, result.adapter_dir)
+        replay_heldout(settings, repo, data, model_dir, result.adapter_dir, args.replay_jobs,
+                       args.test_command, work / "replay")
     return 0
 
 
-def replay_heldout(repo: Path, heldout: int, jobs: int, adapter: Path) -> None:
-    """Resolved share on the held-out (newest) commits, base vs adapter: bench/replay.py looks
-    at the newest `heldout` commits only and prints its table per model."""
-    import subprocess
+def replay_heldout(settings: Settings, repo: Path, data, model_dir: Path, adapter: Path,
+                   jobs: int, test_command: str, work: Path) -> None:
+    """Resolved share on the held-out (newest) changes, base vs adapter, measured as the
+    evaluation gate measures it."""
+    from bot.replay_jobs import gate_runners
+    from bot.settings import parse_repo_config
+    from training.sources import repo_config_at
+    from training.evaluate import replay_resolved
 
-    replay = Path(__file__).with_name("replay.py")
-    if not replay.exists():
-        print("\nreplay: bench/replay.py is not in this checkout; no resolved share")
+    config = repo_config_at(repo, None)
+    if not config.test_command:
+        config = parse_repo_config(f"test_command: {test_command}\n")
+    cfg = settings.model_copy(update={"training": settings.training.model_copy(
+        update={"replay_jobs": jobs})})
+    started = time.perf_counter()
+    out = replay_resolved(cfg, repo, data.heldout, {"base": None, "adapter": adapter},
+                          model_dir, gate_runners(cfg), config, work)
+    seconds = time.perf_counter() - started
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(out.get("skipped", {}).items()))
+    print(f"\nreplay of the {len(data.heldout)} held-out changes (up to {jobs}; "
+          f"test command `{config.test_command}`): {out.get('n', 0)} kept; skipped: "
+          f"{skipped or 'none'}; {seconds:.0f} s")
+    if not out.get("resolved"):
+        print(f"replay: no resolved share ({out.get('skipped_reason')})")
         return
-    from inference.backends.embedded import EMBEDDED_MODEL_NAME
-
-    print(f"\nreplay of the {heldout} held-out commits (bench/replay.py), base vs adapter:",
-          flush=True)
-    subprocess.run([sys.executable, str(replay), str(repo), "--commits", str(heldout),
-                    "--jobs", str(jobs), "--model", EMBEDDED_MODEL_NAME, "--model",
-                    str(adapter)], check=False)
+    base, tuned = out["resolved"]["base"], out["resolved"]["adapter"]
+    print()
+    print("| metric | base model | after codeloop LoRA |")
+    print("|---|---|---|")
+    print(f"| replay resolved share | {sum(base)}/{len(base)} | {sum(tuned)}/{len(tuned)} |")
+    for sha, b_end, a_end in zip(out["tasks"], out["ends"]["base"], out["ends"]["adapter"],
+                                 strict=True):
+        print(f"  {sha[:10]}  base: {b_end}  adapter: {a_end}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run(
     cwd: Path | str, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+    errors: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """One hardened git command; the caller looks at the return code."""
+    """One hardened git command; the caller looks at the return code. `errors="replace"`
+    reads output that is not UTF-8 (a diff of a Latin-1 file) instead of failing."""
     return subprocess.run(
         ["git", *HARDENING, *args],
         check=False,
@@ -56,14 +58,15 @@ def run(
         text=True,
         env=_env(env),
         input=input,
+        errors=errors,
     )
 
 
 def git(
     cwd: Path | str, *args: str, check: bool = True, input: str | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, errors: str | None = None,
 ) -> str:
-    proc = run(cwd, *args, input=input, env=env)
+    proc = run(cwd, *args, input=input, env=env, errors=errors)
     if check and proc.returncode != 0:
         raise GitError(f"git {' '.join(args[:3])}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout

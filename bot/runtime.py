@@ -343,11 +343,13 @@ def build_queue(settings: Settings, runtime_factory: Callable[[], Runtime]):
 
     @huey.task(name="codeloop.train")
     def train_task(run_id: int) -> str:
+        from bot.replay_jobs import gate_runners
         from training.schedule import BUSY_RETRY_SECONDS, run_training
 
         rt = runtime()
         loaded = rt.backend._backend  # promote into the embedded backend if this worker has it
-        run = run_training(rt.settings, rt.store, run_id, backend=loaded, source=rt.ports.forge)
+        run = run_training(rt.settings, rt.store, run_id, backend=loaded, source=rt.ports.forge,
+                           replay=gate_runners(rt.settings))
         if run.get("claim") == "busy":  # its repository is training elsewhere: wait a turn
             train_task.schedule(args=(run_id,), delay=BUSY_RETRY_SECONDS)
         return run["state"]

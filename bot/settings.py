@@ -367,6 +367,12 @@ class TrainingSettings(BaseModel):
     humaneval_subset: int = Field(
         default=20, ge=0, description="HumanEval problems in the guard (0 turns the guard off)."
     )
+    replay_jobs: int = Field(
+        default=0, ge=0,
+        description="Held-out merged changes the gate replays through the whole pipeline with "
+        "each model (their tests run after: the resolved share; needs the repository's "
+        "test_command; 0 turns the replay off).",
+    )
     gate_margin: float = Field(
         default=0.02, ge=0,
         description="Tolerance: a metric may be worse by this much (relative for loss, "

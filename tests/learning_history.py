@@ -12,7 +12,7 @@ from bot.forges.local import LocalForge
 from bot.store.db import Store
 from bot.store.models import PullRequest, Revision
 from feedback.signals import merge_local, record_signal
-from training.dataset import import_git_history
+from training.sources import import_git_history
 
 BASE = '''"""Small text helpers."""
 

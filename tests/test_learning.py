@@ -21,7 +21,8 @@ from tests.support import make_settings
 from tests.support import wait_for as _wait
 from tests.learning_history import PEOPLE, append_function, git, make_history
 from training import registry, schedule
-from training.dataset import build_dataset, import_git_history
+from training.dataset import build_dataset
+from training.sources import import_git_history
 
 
 def small_training(**overrides) -> TrainingSettings:
@@ -502,3 +503,101 @@ def test_upgrading_with_two_runs_of_one_repository_running_keeps_the_newest(db_u
     assert sorted(schedule.recoverable_runs(store, queued_after=0)) == [2, 3, 4]
     store.close()
     engine.dispose()
+
+
+WHISPER_TEST = """from textutil import whisper
+
+
+def test_whisper():
+    assert whisper("Hi There") == "hi there..."
+"""
+
+
+def whisper_history(tmp_path, store):
+    """The sample repository with three later changes: a README edit, whisper(text) with its
+    test (the newest with source and tests), and a README edit again."""
+    from bot.demo import make_sample_repo
+    from tests.fakes import GOOD
+
+    import subprocess
+
+    repo = make_sample_repo(tmp_path / "repo")
+
+    def commit(message: str, hour: int) -> None:  # one hour apart: the time split is exact
+        stamp = f"2026-01-01T{hour:02d}:00:00+0000"
+        subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com",
+                        "commit", "-qam", message], cwd=repo, check=True,
+                       env={"GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp,
+                            "PATH": "/usr/bin:/bin"})
+
+    (repo / "README.md").write_text("# textutil\n\nSmall text helpers, tested.\n")
+    commit("Say the helpers are tested", 1)
+    (repo / "textutil.py").write_text(GOOD.split("```python\n", 1)[1].split("```", 1)[0])
+    (repo / "tests" / "test_whisper.py").write_text(WHISPER_TEST)
+    git(repo, "add", "-A")
+    commit("Add whisper(text): the text in lower case followed by '...'", 2)
+    (repo / "README.md").write_text("# textutil\n\nSmall text helpers: slugify, shout, whisper.\n")
+    commit("List the helpers", 3)
+    import_git_history(store, repo, repo=str(repo))
+    return repo
+
+
+def test_the_gate_replays_held_out_changes_and_never_promotes_fewer_resolved(tmp_path):
+    """The closed loop: with `training.replay_jobs` the gate replays the held-out changes that
+    change source and tests (their tests fail at the base and pass after the change) through
+    the whole pipeline with each model, then runs the change's tests on each model's branch.
+    A candidate that resolves fewer than the active model is rejected even with a better
+    loss, and the report says so. The models are scripted at the backend port: one writes
+    the change, the other a whisper that shouts."""
+    from bot.forges.local import LocalForge
+    from bot.replay_jobs import job_runner, scratch_settings
+    from bot.runtime import LogNotifier
+    from tests.fakes import GOOD, ScriptedBackend
+    from training.sources import repo_config_at
+    from training.evaluate import decide, format_report, replay_resolved
+
+    settings = make_settings(tmp_path / "home",
+                             training=small_training(replay_jobs=2, holdout_share=0.6))
+    store = Store(settings.database_url)
+    repo = whisper_history(tmp_path, store)
+    data = build_dataset(settings, store, str(repo))
+    assert len(data.heldout) == 2, data.card  # whisper and the newest README edit
+    wrong = GOOD.replace('text.lower() + "..."', 'text.upper() + "!"')
+    answers = {}
+
+    def make_runner(base_model, adapter, home):
+        backend = ScriptedBackend(GOOD if adapter is not None else wrong)
+        answers[adapter] = backend
+        return job_runner(scratch_settings(settings, home), backend, forge=LocalForge(),
+                          notifier=LogNotifier())
+
+    config = repo_config_at(repo, "main")
+    out = replay_resolved(settings, repo, data.heldout, {"active": None, "candidate": tmp_path},
+                          tmp_path / "base-model", make_runner, config, tmp_path / "replay")
+    assert out["n"] == 1 and out["skipped"] == {"no source change": 1}, out
+    assert out["resolved"] == {"active": [False], "candidate": [True]}, out["ends"]
+    assert out["ends"]["active"] == ["commit's tests fail on the branch"]
+    # Each model answered the change's requirement, on the repository at the change's base.
+    asked = answers[tmp_path].calls[0][-1].content
+    assert "whisper(text)" in asked
+    from bot.store.models import Job
+
+    with store.session() as s:  # the replay's jobs ran in scratch homes, not the bot's store
+        assert s.scalar(select(Job.id)) is None
+    loss = {"candidate": [0.5] * 4, "active": [0.9] * 4}
+    fewer = decide({"loss": loss["candidate"], "resolved": out["resolved"]["active"]},
+                   {"loss": loss["active"], "resolved": out["resolved"]["candidate"]}, settings)
+    assert fewer["decision"] == "reject" and fewer["metrics"]["resolved"]["worse"]
+    assert "replay resolved share dropped: 0% vs 100%" in fewer["reasons"]
+    more = decide({"loss": loss["candidate"], "resolved": out["resolved"]["candidate"]},
+                  {"loss": loss["active"], "resolved": out["resolved"]["active"]}, settings)
+    assert more["decision"] == "promote", more["reasons"]
+    more["replay"], more["candidate"], more["active"] = out, "candidate", "active"
+    shown = format_report(more)
+    assert "replay of 1 held-out change(s): resolved active 0/1, candidate 1/1" in shown
+    assert "resolved" in shown.split("replay of")[0]  # the metric line, with its interval
+
+    off = make_settings(tmp_path / "home2", training=small_training())
+    assert replay_resolved(off, repo, data.heldout, {"base": None}, tmp_path, make_runner,
+                           config, tmp_path / "r2") == {
+        "skipped_reason": "off (training.replay_jobs is 0)"}

@@ -158,11 +158,12 @@ def test_a_training_run_through_the_queue_trains_gates_and_reports(tmp_path, emb
 
     from bot.runtime import build_queue, build_runtime
     from tests.support import cli_env
-    from training import schedule
+    from training import runs, schedule
 
     training = TrainingSettings(max_seq_len=512, holdout_share=0.3, grad_accum=1, max_steps=2,
                                 learning_rate=1e-3, lora_rank=8, lora_alpha=16,
-                                humaneval_subset=0, eval_generate=False, min_new_examples=3)
+                                humaneval_subset=0, eval_generate=False, min_new_examples=3,
+                                replay_jobs=1)
     settings = make_settings(tmp_path / "home", training=training)
     runtime = build_runtime(settings)
     repo = make_history(tmp_path, runtime.store)
@@ -186,6 +187,13 @@ def test_a_training_run_through_the_queue_trains_gates_and_reports(tmp_path, emb
     assert f"version {version['id']}: {version['name']}" in shown.stdout
     assert "gate: " + version["metrics"]["gate"]["decision"] in shown.stdout
     assert "loss" in shown.stdout
+    # The worker's gate tried the replay; this history has no test command to judge it by.
+    assert version["metrics"]["gate"]["replay"] == {
+        "skipped_reason": "the repository has no test_command in .codeloop.yml"}
+    assert "replay: not measured (the repository has no test_command" in shown.stdout
+    # The loss curve next to the run, drawn as the dashboard draws it.
+    chart = (runs.run_dir(settings, run_id) / "loss.svg").read_text()
+    assert chart.startswith("<svg") and chart.count("<circle") == 2
     print("\n" + shown.stdout)
     # A second run right away has no new merged changes: skipped, with the reason.
     second = schedule.retrain_now(settings, runtime.store, str(repo), "maintainer",
@@ -242,7 +250,7 @@ def test_a_worker_killed_during_a_training_run_another_worker_finishes_it(tmp_pa
     from bot.runtime import build_queue, build_runtime
     from bot.store.models import TrainingRun
     from tests.support import cli_env, poll, rows
-    from training import schedule
+    from training import runs, schedule
 
     settings = make_settings(tmp_path / "home", db_url,
                              training=TrainingSettings(max_steps=2, **TINY))
@@ -255,7 +263,7 @@ def test_a_worker_killed_during_a_training_run_another_worker_finishes_it(tmp_pa
     env.update({f"CODELOOP_TRAINING__{k.upper()}": str(v).lower() if isinstance(v, bool)
                 else str(v) for k, v in {"max_steps": 2, **TINY}.items()})
     log_path = tmp_path / "workers.log"
-    out_dir = schedule.run_dir(settings, run_id)
+    out_dir = runs.run_dir(settings, run_id)
     with open(log_path, "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "bot.cli", "worker"],
                                  env={**env, "CODELOOP_FAILPOINT": "kill:train:checkpoint"},

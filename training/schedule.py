@@ -37,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 
 from bot import leases
 from bot.settings import Settings
-from bot.store.db import Store
+from bot.store.db import Store, insert_or_get
 from bot.store.models import MergedChange, PullRequest, TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
@@ -224,16 +224,13 @@ def enqueue_training(store: Store, repo: str, *, key: str, trigger: str,
                      requested_by: str | None,
                      enqueue: Callable[[int], object] | None) -> tuple[int, bool]:
     """Record the run once per key and enqueue it; returns (run id, created)."""
-    try:
-        with store.session() as s:
-            run = TrainingRun(key=key, repo=repo, trigger=trigger, requested_by=requested_by,
-                              state="queued", dataset_card={}, losses=[], timings={})
-            s.add(run)
-            s.flush()
-            run_id = run.id
-    except IntegrityError:
-        with store.session() as s:
-            run_id = s.scalar(select(TrainingRun.id).where(TrainingRun.key == key))
+    with store.session() as s:
+        run_id, created = insert_or_get(
+            s, TrainingRun, {"key": key, "repo": repo, "trigger": trigger,
+                             "requested_by": requested_by, "state": "queued",
+                             "dataset_card": {}, "losses": [], "timings": {}},
+            key=("key",))
+    if not created:
         log.info("training run %s for %s exists already (key %s)", run_id, repo, key)
         return run_id, False
     if enqueue is not None:

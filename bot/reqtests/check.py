@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bot import changed_lines
-from bot.reqtests.examples import Example, _is_test_path, example_test_file
+from bot.reqtests.examples import Example, example_test_file, is_test_code
 from bot.reqtests.runner import failure_kind, run_in_sandbox, suite_args
 from bot.settings import SandboxSettings
 
@@ -96,7 +96,7 @@ def prove(
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).write_text(text)
     lines = changed_lines.changed_lines(workdir, start_sha, [
-        p for p in changed if p.endswith(".py") and not _is_test_path(p)])
+        p for p in changed if p.endswith(".py") and not is_test_code(p)])
     suite = suite_args(test_command)
     after = run_in_sandbox(workdir, list(files), settings, secrets, changed=lines or None,
                            suite=suite, env_dir=env_dir) if (files or lines) else None

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.paths import is_test_path
+
 MAX_EXAMPLES = 10
 _VERBS = (
     r"==|->|→|=>|returns?|should\s+return|must\s+return|will\s+return|would\s+return|"
@@ -168,10 +170,9 @@ def _module_of(rel: str) -> str:
     return ".".join(parts)
 
 
-def _is_test_path(rel: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py" \
-        or rel.startswith(("tests/", "test/"))
+def is_test_code(rel: str) -> bool:
+    """A test module or pytest's conftest.py: not where a requirement's behaviour lives."""
+    return is_test_path(rel) or rel.rsplit("/", 1)[-1] == "conftest.py"
 
 
 def locate(workdir: Path, name: str, changed: Sequence[str]) -> str | None:
@@ -191,7 +192,7 @@ def locate(workdir: Path, name: str, changed: Sequence[str]) -> str | None:
                 return True
         return False
 
-    candidates = [p for p in changed if p.endswith(".py") and not _is_test_path(p)]
+    candidates = [p for p in changed if p.endswith(".py") and not is_test_code(p)]
     for rel in candidates:
         if (workdir / rel).is_file() and defines(rel):
             return _module_of(rel)
@@ -200,7 +201,7 @@ def locate(workdir: Path, name: str, changed: Sequence[str]) -> str | None:
         rel = path.relative_to(workdir).as_posix()
         if any(part in skip or part.startswith(".") for part in rel.split("/")[:-1]):
             continue
-        if not _is_test_path(rel) and defines(rel):
+        if not is_test_code(rel) and defines(rel):
             return _module_of(rel)
     return _module_of(candidates[0]) if candidates else None
 

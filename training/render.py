@@ -5,11 +5,13 @@ change's base (the same context retrieval), within `training.max_seq_len`.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from unidiff import PatchSet
+from unidiff.errors import UnidiffParseError
 
 from bot.settings import Settings
 from bot.store.models import MergedChange
@@ -24,30 +26,26 @@ CountTokens = Callable[[str], int]
 @dataclass
 class FileChange:
     path: str
-    old_path: str | None
     binary: bool
     deleted: bool
-    text: str  # this file's part of the diff
+    hunks: list[list[tuple[str, str]]]  # per hunk: (" " | "-" | "+", the line without "\n")
 
 
 def split_diff(diff: str) -> list[FileChange]:
-    """A unified git diff → one entry per file."""
-    out: list[FileChange] = []
-    for block in re.split(r"(?m)^(?=diff --git )", diff):
-        if not block.startswith("diff --git "):
-            continue
-        head = block.splitlines()[0]
-        m = re.match(r"diff --git a/(.+?) b/(.+)$", head)
-        if not m:
-            continue
-        old, new = m.group(1), m.group(2)
-        plus = re.search(r"(?m)^\+\+\+ (?:b/(.+)|/dev/null)$", block)
-        deleted = bool(re.search(r"(?m)^deleted file mode", block)) or (
-            plus is not None and plus.group(1) is None
+    """A unified git diff → one entry per file (parsed by unidiff: renames, binary files,
+    "\\ No newline at end of file" markers)."""
+    try:
+        patch = PatchSet(diff)
+    except UnidiffParseError:
+        return []
+    return [
+        FileChange(
+            path=pf.path, binary=pf.is_binary_file, deleted=pf.is_removed_file,
+            hunks=[[(line.line_type, line.value.rstrip("\r\n")) for line in hunk
+                    if line.line_type in (" ", "-", "+")] for hunk in pf],
         )
-        binary = bool(re.search(r"(?m)^(Binary files .* differ|GIT binary patch)$", block))
-        out.append(FileChange(path=new, old_path=old, binary=binary, deleted=deleted, text=block))
-    return out
+        for pf in patch
+    ]
 
 
 def change_signature(diff: str, requirement: str = "") -> str:
@@ -70,19 +68,9 @@ def render_search_replace(changes: list[FileChange]) -> str:
     out = []
     for ch in changes:
         blocks = []
-        for hunk in re.split(r"(?m)^@@[^\n]*@@[^\n]*\n", ch.text)[1:]:
-            search, replace = [], []
-            for line in hunk.splitlines():
-                if line.startswith("\\"):
-                    continue
-                tag, body = line[:1], line[1:]
-                if tag == " ":
-                    search.append(body)
-                    replace.append(body)
-                elif tag == "-":
-                    search.append(body)
-                elif tag == "+":
-                    replace.append(body)
+        for hunk in ch.hunks:
+            search = [body for tag, body in hunk if tag in (" ", "-")]
+            replace = [body for tag, body in hunk if tag in (" ", "+")]
             blocks.append(
                 "<<<<<<< SEARCH\n" + "".join(s + "\n" for s in search) + "=======\n"
                 + "".join(r + "\n" for r in replace) + ">>>>>>> REPLACE"

@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from unidiff import PatchSet
+from unidiff.errors import UnidiffParseError
+
 from bot import git
 from bot.pipeline.base import JobFailed, Ports, backend_failed
 from bot.pipeline.results import Attempt, ContextFound, JobInput, Plan, PlannedPrompt, Strategy
@@ -53,11 +56,13 @@ def _pr_paths(store: Store, pr_id: int | None) -> list[str]:
         pr = s.get(PullRequest, pr_id)
         paths: list[str] = []
         for rev in pr.revisions:
-            for line in rev.diff.splitlines():
-                if line.startswith("+++ b/"):
-                    path = line[6:]
-                    if path not in paths:
-                        paths.append(path)
+            try:
+                files = PatchSet(rev.diff)
+            except UnidiffParseError:
+                continue
+            for pf in files:
+                if not pf.is_removed_file and pf.path not in paths:
+                    paths.append(pf.path)
         return paths
 
 

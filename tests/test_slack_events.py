@@ -11,9 +11,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.slack import events, signing
+from bot.slack import events
 from bot.slack.app import EVENTS_PATH
 from bot.slack.events import Ask, Button, Command, Skip, SlackPayloadError, ThreadReply
+from tests import slack_signing as signing
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = "https://hooks.slack.com/commands/T0CODELOOP/1/x"

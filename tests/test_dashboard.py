@@ -221,7 +221,7 @@ def test_model_loss_chart_and_the_retraining_schedule(dashboard, browser):
     page.fill("#set-schedule input[name=repo]", "acme/widgets")
     page.fill("#set-schedule input[name=cron]", "0 3 * * 0")
     page.click("#set-schedule button[type=submit]")
-    assert page.get_by_role("status").is_visible()
+    page.get_by_role("status").wait_for(state="visible")  # the answer page, once it has loaded
     row = page.locator("tr[data-repo='acme/widgets']")
     assert row.locator(".cron").inner_text() == "0 3 * * 0"
     stored = {s["repo"]: s for s in schedule.show_schedules(settings)}
@@ -236,7 +236,7 @@ def test_model_loss_chart_and_the_retraining_schedule(dashboard, browser):
     page.fill("#set-schedule input[name=repo]", "acme/widgets")
     page.fill("#set-schedule input[name=cron]", "every sunday")
     page.click("#set-schedule button[type=submit]")
-    assert page.get_by_role("alert").is_visible()
+    page.get_by_role("alert").wait_for(state="visible")
     assert schedule.show_schedules(settings)[0]["cron"] == "0 3 * * 0"
 
     page.locator("tr[data-repo='acme/widgets'] button", has_text="Resume").click()

@@ -13,12 +13,15 @@ import base64
 import binascii
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
 MASK = "***"
 MIN_SECRET = 4  # shorter values would mask ordinary words
 MIN_PIECE = 12  # shortest derived piece (base64 core, one PEM line) that is masked
+RUNTIME_KEPT = 256  # secrets learned while running that stay masked (the newest)
 
 
 def _b64_cores(raw: bytes) -> set[str]:
@@ -62,26 +65,65 @@ def variants(secret: str) -> set[str]:
     return {v for v in out if len(v) >= MIN_SECRET}
 
 
+def _pattern(secrets: Iterable[str]) -> re.Pattern[str] | None:
+    forms: set[str] = set()
+    for secret in secrets:
+        if secret and len(secret.strip()) >= MIN_SECRET:
+            forms |= variants(secret.strip())
+            forms |= variants(secret)
+    # Longest first, so a secret that contains another is masked whole.
+    ordered = sorted(forms, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+
+class _Learned:
+    """Secrets the process learns while it runs (a GitHub App's installation tokens, fetched
+    and refreshed hourly): not in the settings, so every Scrubber also masks these."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: OrderedDict[str, None] = OrderedDict()
+        self.pattern: re.Pattern[str] | None = None
+
+    def add(self, secret: str) -> None:
+        if not secret or len(secret.strip()) < MIN_SECRET:
+            return
+        with self._lock:
+            if secret in self._values:
+                self._values.move_to_end(secret)
+                return
+            self._values[secret] = None
+            while len(self._values) > RUNTIME_KEPT:
+                self._values.popitem(last=False)
+            self.pattern = _pattern(self._values)
+
+
+_learned = _Learned()
+
+
+def learn_secret(secret: str) -> None:
+    """Mask `secret` from now on in every log line, message and sandbox output of this
+    process (for credentials obtained at run time; configured ones come from the settings)."""
+    _learned.add(secret)
+
+
 class Scrubber:
-    """Masks a fixed set of secrets (and their encodings) in text."""
+    """Masks a fixed set of secrets (and their encodings) in text, and the secrets this
+    process learned at run time (`learn_secret`)."""
 
     def __init__(self, secrets: Iterable[str]):
-        forms: set[str] = set()
-        for secret in secrets:
-            if secret and len(secret.strip()) >= MIN_SECRET:
-                forms |= variants(secret.strip())
-                forms |= variants(secret)
-        # Longest first, so a secret that contains another is masked whole.
-        ordered = sorted(forms, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._pattern = _pattern(secrets)
 
     def __bool__(self) -> bool:
-        return self._pattern is not None
+        return self._pattern is not None or _learned.pattern is not None
 
     def __call__(self, text: str) -> str:
-        if self._pattern is None or not text:
+        if not text:
             return text
-        return self._pattern.sub(MASK, text)
+        if self._pattern is not None:
+            text = self._pattern.sub(MASK, text)
+        learned = _learned.pattern
+        return learned.sub(MASK, text) if learned is not None else text
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

@@ -153,3 +153,37 @@ def test_codeloop_github_check_reports_what_is_set_up(fake, tmp_path):
     assert (
         missing.returncode == 2 and "FAIL app: acme/nothing: GitHub answered 404" in missing.stdout
     )
+
+
+def test_installation_tokens_are_masked_in_logs_messages_and_sandbox_output(fake, tmp_path):
+    """An App's installation token is fetched at run time (it is in no setting): once the bot
+    has used it, a log line, a message to a person or a test's output that carries it (raw,
+    or as the Basic header git sends) shows `***`."""
+    import base64
+    import io
+    import logging
+
+    from bot.logs import configure
+    from bot.scrub import Scrubber
+
+    clients = GitHubClients(app_settings(fake))
+    forge = GitHubForge(clients, tmp_path / "mirrors")
+    before = Scrubber([])  # built before the token exists, as the long-lived ones are
+    forge.check_repository("acme/widgets")  # git fetched the mirror with the token's header
+    assert fake.tokens_issued == 1
+    token = clients.token_for("acme/widgets")
+    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+
+    buffer = io.StringIO()
+    handler = configure([], level="INFO", fmt="text", stream=buffer)
+    try:
+        logging.getLogger("codeloop.test").warning("push failed: Authorization: Basic %s; %s",
+                                                   basic, token)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert token not in buffer.getvalue() and basic not in buffer.getvalue()
+    assert "push failed" in buffer.getvalue() and "***" in buffer.getvalue()
+    # The notifier's and the sandbox's scrubbers hold no setting that names this token.
+    assert before(f"echo {token}") == "echo ***"
+    header = Scrubber([])(f"Authorization: Basic {basic}")
+    assert basic not in header and "***" in header  # the token's part of the base64 masked

@@ -15,6 +15,7 @@ import base64
 import logging
 import threading
 
+from bot.scrub import learn_secret
 from bot.settings import GitHubSettings
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,11 @@ class GitHubClients:
         """The current token for `repo` (an installation token is refreshed when near expiry)."""
         installation_id = self.installation_for(repo)
         self._client(installation_id)
-        return self._auths[installation_id].token
+        token = self._auths[installation_id].token
+        # Installation tokens are not in the settings: from now on, mask this one wherever
+        # this process writes (logs, messages, sandbox output). docs/architecture.md, "Secrets".
+        learn_secret(token)
+        return token
 
     def git_env(self, repo: str) -> dict[str, str]:
         """Environment for one git process: the token as an HTTP header, never in a URL.

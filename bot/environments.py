@@ -1,8 +1,8 @@
 """Each repository's own environment: `.codeloop.yml` `setup:` steps, built once, reused.
 
-The steps run in the sandbox (bot.sandbox) with the network, into a virtual environment
-mounted writable at /env; the tests later run with the same environment mounted read-only
-and no network. An environment lives under CODELOOP_HOME/envs/<key>, where the key hashes
+The steps run in the sandbox (bot.sandbox) with HTTPS to the allowed package hosts only
+(bot/sandbox/egress.py), into a virtual environment mounted writable at /env; the tests
+later run with the same environment mounted read-only and no network. An environment lives under CODELOOP_HOME/envs/<key>, where the key hashes
 the interpreter, the steps, the dependency files' contents and anything else in the
 repository a step names (`pip install ./vendor/pkg` keys on that directory's tree), so a
 change to any of them builds a new one and an unchanged repository reuses the old one.
@@ -133,19 +133,27 @@ def ensure(settings: Settings, config: RepoConfig, workdir: Path, sha: str,
             # that takes its version from git (setuptools-scm, hatch-vcs) is told it.
             command = (f': "${{SETUPTOOLS_SCM_PRETEND_VERSION:={version}}}"; '
                        f"export SETUPTOOLS_SCM_PRETEND_VERSION\n{step}")
-            result = run_sandboxed(command, copy, settings.sandbox, secrets=secrets, network=True,
+            result = run_sandboxed(command, copy, settings.sandbox, secrets=secrets,
+                                   network=settings.sandbox.setup_network == "host",
+                                   egress=settings.sandbox.setup_network == "allowlist",
                                    env_dir=building, env_writable=True,
                                    timeout=settings.sandbox.setup_timeout_seconds)
             if not result.ok:
                 why = (f"timed out after {settings.sandbox.setup_timeout_seconds:g} s"
                        if result.timed_out else f"exited with status {result.returncode}")
+                refused = ""
+                if result.egress_refused:
+                    refused = ("The set-up's network reaches only the hosts in "
+                               "CODELOOP_SANDBOX__SETUP_HOSTS, over HTTPS; it refused: "
+                               + "; ".join(result.egress_refused[:5]) + ".\n")
                 raise SetupFailed(
                     f"the repository's set-up step `{step}` {why}, so nothing was generated.\n"
-                    f"{_tail(result.output)}\n"
+                    f"{_tail(result.output)}\n{refused}"
                     "Hint: run the step in a fresh virtual environment from the repository's "
-                    "root; set-up steps run in the sandbox with the network, the environment "
-                    "at /env (first on PATH) and the repository at /workspace. Fix `setup:` "
-                    "in .codeloop.yml (or the files it installs) and ask again."
+                    "root; set-up steps run in the sandbox with HTTPS to the package registries "
+                    "(sandbox.setup_hosts), the environment at /env (first on PATH) and the "
+                    "repository at /workspace. Fix `setup:` in .codeloop.yml (or the files it "
+                    "installs) and ask again."
                 )
         kept = _keep_build_files(copy, before, building / BUILD_FILES)
         (building / READY).write_text(json.dumps({"steps": steps, "interpreter": interpreter(),

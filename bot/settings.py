@@ -189,6 +189,22 @@ class SandboxSettings(BaseModel):
         "toolchain outside /usr. Never put secrets or CODELOOP_HOME here.",
     )
     ruff: bool = Field(default=True, description="Run `ruff check` on changed Python files.")
+    setup_network: Literal["allowlist", "host"] = Field(
+        default="allowlist",
+        description="allowlist: set-up steps reach only `setup_hosts` (HTTPS through codeloop's "
+        "proxy; never this host's own services, its link or cloud metadata). host: set-up "
+        "steps share the host's network, local services included (unsafe: set-up runs the "
+        "commit's build scripts, which a model may have written).",
+    )
+    setup_hosts: list[str] = Field(
+        default_factory=lambda: [
+            "pypi.org", "files.pythonhosted.org", "github.com", "codeload.github.com",
+            "objects.githubusercontent.com", "registry.npmjs.org", "registry.yarnpkg.com",
+            "index.crates.io", "static.crates.io", "proxy.golang.org", "sum.golang.org",
+        ],
+        description="Hosts set-up steps may reach (port 443 or 80, through the proxy): exact "
+        "names or `*.example.com`. Add your package mirror here.",
+    )
     setup_timeout_seconds: float = Field(
         default=900.0, gt=0, description="Time limit of each `.codeloop.yml` set-up step."
     )

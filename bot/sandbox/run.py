@@ -4,6 +4,8 @@ sandbox running at once, the run itself with its time limit and output tail.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fcntl
 import functools
 import os
@@ -29,6 +31,7 @@ from bot.sandbox.command import (
     passwd_files,
     sandbox_env,
 )
+from bot.sandbox.egress import FORWARDER, PROXY_PORT, SOCKET_NAME, EgressProxy, proxy_env
 from bot.sandbox.trees import remove_tree
 from bot.scrub import Scrubber
 from bot.settings import SandboxSettings
@@ -49,6 +52,7 @@ class SandboxResult:
     seconds: float
     isolation: str  # "bwrap" or "none"
     output_bytes: int = 0  # everything the command printed, kept or not
+    egress_refused: tuple[str, ...] = ()  # set-up network: destinations the proxy refused
 
 
 UID_SLOTS = 1024
@@ -116,7 +120,7 @@ def _probe_once(settings: SandboxSettings) -> Probe:
         work.mkdir()
         result = _run(bwrap, os.geteuid() == 0, "test -w . && test ! -e /proc/1/environ -o "
                       "\"$(id -u)\" != 0 && echo sandbox-ok", work, root, settings,
-                      network=False, env_dir=None, env_writable=False,
+                      network=False, egress=False, env_dir=None, env_writable=False,
                       timeout=_PROBE_TIMEOUT_SECONDS, scrubber=Scrubber(()))
     except OSError as exc:
         return Probe(False, f"bubblewrap could not start: {exc}", bwrap)
@@ -170,16 +174,16 @@ def _kill_group(pgid: int) -> None:
 
 def _run(
     bwrap: str | None, as_root: bool, command: str, workdir: Path, root: Path,
-    settings: SandboxSettings, *, network: bool, env_dir: Path | None, env_writable: bool,
-    timeout: float, scrubber: Scrubber,
+    settings: SandboxSettings, *, network: bool, egress: bool, env_dir: Path | None,
+    env_writable: bool, timeout: float, scrubber: Scrubber,
 ) -> SandboxResult:
     """Run ``command`` once; ``bwrap`` None means no isolation (the explicit unsafe choice)."""
     start = time.monotonic()
     slot = _UidSlot(settings.uid) if bwrap is not None and as_root else None
     try:
         return _run_as(slot.uid if slot else settings.uid, bwrap, as_root, command, workdir, root,
-                       settings, network=network, env_dir=env_dir, env_writable=env_writable,
-                       timeout=timeout, scrubber=scrubber, start=start)
+                       settings, network=network, egress=egress, env_dir=env_dir,
+                       env_writable=env_writable, timeout=timeout, scrubber=scrubber, start=start)
     finally:
         if slot is not None:
             slot.release()
@@ -187,8 +191,8 @@ def _run(
 
 def _run_as(
     uid: int, bwrap: str | None, as_root: bool, command: str, workdir: Path, root: Path,
-    settings: SandboxSettings, *, network: bool, env_dir: Path | None, env_writable: bool,
-    timeout: float, scrubber: Scrubber, start: float,
+    settings: SandboxSettings, *, network: bool, egress: bool, env_dir: Path | None,
+    env_writable: bool, timeout: float, scrubber: Scrubber, start: float,
 ) -> SandboxResult:
     for name in ("tmp", "home"):
         (root / name).mkdir(exist_ok=True)
@@ -205,17 +209,36 @@ def _run_as(
     drop = bwrap is not None and as_root  # bubblewrap ran as root: the trampoline drops
     limits = [str(uid), str(uid), str(settings.memory_mb * 1024 * 1024), str(NPROC_LIMIT),
               str(FSIZE_LIMIT), str(NOFILE_LIMIT), "1" if drop else "0"]
-    tail = [sys.executable, "-I", "-S", "-c", TRAMPOLINE, *limits, "bash", "-c", command]
+    program = ["bash", "-c", command]
+    # Set-up steps: no network of their own, HTTPS to the allowed hosts through a proxy
+    # (bot/sandbox/egress.py).
+    proxied = egress and bwrap is not None
+    proxy = EgressProxy(root / "tmp" / SOCKET_NAME, settings.setup_hosts) if proxied else None
+    if proxy is not None:
+        program = [sys.executable, "-I", "-S", "-c", FORWARDER, f"/tmp/{SOCKET_NAME}",
+                   str(PROXY_PORT), *program]
+    tail = [sys.executable, "-I", "-S", "-c", TRAMPOLINE, *limits, *program]
     if bwrap is not None:
         argv = bwrap_argv(bwrap, root, workdir, uid, settings, network=network,
                            env_dir=env_dir, env_writable=env_writable, as_root=as_root) + tail
         env = sandbox_env(settings, env_dir)
+        if proxy is not None:
+            env.update(proxy_env())
         cwd = root
     else:
         argv = tail
         env = sandbox_env(settings, None)
         env["HOME"], env["TMPDIR"] = str(root / "home"), str(root / "tmp")
         cwd = workdir
+    with proxy if proxy is not None else contextlib.nullcontext():
+        result = _supervise(argv, cwd, env, timeout, scrubber, start, bwrap)
+    if proxy is not None and proxy.refused:
+        result = dataclasses.replace(result, egress_refused=tuple(proxy.refused))
+    return result
+
+
+def _supervise(argv: list[str], cwd: Path, env: dict[str, str], timeout: float,
+               scrubber: Scrubber, start: float, bwrap: str | None) -> SandboxResult:
     keep, counter = bytearray(), [0]
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -244,15 +267,16 @@ def _run_as(
 
 def run_sandboxed(
     command: str, workdir: Path, settings: SandboxSettings, *, secrets: Sequence[str] = (),
-    network: bool = False, env_dir: Path | None = None, env_writable: bool = False,
-    timeout: float | None = None,
+    network: bool = False, egress: bool = False, env_dir: Path | None = None,
+    env_writable: bool = False, timeout: float | None = None,
 ) -> SandboxResult:
     """Run ``bash -c command`` in the sandbox with ``workdir`` as its writable /workspace.
 
     ``workdir`` must be a private copy: the command may change anything in it. ``env_dir``
     (a repository's own environment) is mounted at /env, writable only with ``env_writable``
-    (set-up steps), and /env/bin comes first on PATH. ``network`` shares the host's network
-    (set-up steps only; never for code the model wrote).
+    (set-up steps), and /env/bin comes first on PATH. ``egress`` (set-up steps) gives HTTPS to
+    `settings.setup_hosts` through the egress proxy (bot/sandbox/egress.py) and nothing else;
+    ``network`` shares the host's network (the unsafe opt-ins only).
 
     Raises SandboxUnavailable when the sandbox does not work here and isolation is not
     explicitly "none".
@@ -275,7 +299,7 @@ def run_sandboxed(
     root = Path(tempfile.mkdtemp(prefix="codeloop-sandbox-"))
     try:
         return _run(bwrap, as_root, command, workdir, root, settings, network=network,
-                    env_dir=env_dir, env_writable=env_writable, timeout=timeout,
+                    egress=egress, env_dir=env_dir, env_writable=env_writable, timeout=timeout,
                     scrubber=scrubber)
     finally:
         remove_tree(root)

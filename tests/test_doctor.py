@@ -138,7 +138,7 @@ def test_doctor_passes_a_sound_local_setup(tmp_path):
         result = subprocess.run([sys.executable, "-m", "bot.cli", "doctor"], env=env,
                                 capture_output=True, text=True, timeout=120)
     assert "OK    slack token: bot codeloop in workspace Acme" in result.stdout
-    assert "OK    sandbox: self-test: 10/10 escape attempts blocked" in result.stdout
+    assert "OK    sandbox: self-test: 11/11 escape attempts blocked" in result.stdout
     for attempt in ("read a file outside the copy", "read another process's environment",
                     "write outside the copy", "connect to a Unix socket", "open a TCP connection",
                     "leave a process behind"):

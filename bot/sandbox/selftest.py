@@ -94,6 +94,54 @@ print("LEFT\tleave a process behind\tstarted " + marker)
 '''
 
 
+# A set-up step's one way out is the egress proxy (bot/sandbox/egress.py): this host's own
+# services must stay out of reach, straight and through the proxy.
+_SETUP_PROBE = r'''
+import http.client, os, socket, sys
+port = int(sys.argv[1])
+reached = []
+try:
+    socket.create_connection(("127.0.0.1", port), timeout=3).close()
+    reached.append("directly")
+except OSError as exc:
+    why = "direct: %s" % exc
+proxy = os.environ.get("HTTPS_PROXY")
+if proxy:
+    host, proxy_port = proxy[len("http://"):].rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(proxy_port), timeout=10)
+    c.set_tunnel("127.0.0.1", port)
+    try:
+        c.connect()
+        reached.append("through the proxy")
+    except OSError as exc:
+        why += "; proxy: %s" % exc
+if reached:
+    print("ESCAPED\treach this host's services from a set-up step\treached 127.0.0.1:%d %s"
+          % (port, " and ".join(reached)))
+else:
+    print("BLOCKED\treach this host's services from a set-up step\t%s" % why)
+'''
+
+
+def _setup_network_attempt(run, work: Path, settings: SandboxSettings,
+                           server: socket.socket) -> tuple[str, bool, str]:
+    name = "reach this host's services from a set-up step"
+    port = server.getsockname()[1]
+    (work / "setup_probe.py").write_text(_SETUP_PROBE)
+    command = f"python setup_probe.py {port}"
+    if run is run_sandboxed:
+        result = run_sandboxed(command, work, settings, timeout=60,
+                               egress=settings.setup_network == "allowlist",
+                               network=settings.setup_network == "host")
+    else:
+        result = run(command, work, settings, timeout=60)
+    for line in result.output.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[1] == name:
+            return name, parts[0] == "BLOCKED", parts[2]
+    return name, False, f"the probe did not report: {result.output.strip()[-200:]}"
+
+
 @dataclass
 class SelfTest:
     ok: bool
@@ -165,7 +213,8 @@ def self_test(settings: SandboxSettings, run=None) -> SelfTest:
                          "every process of the sandbox is gone"))
         if outside.exists():
             attempts = [(n, b and n != "write outside the copy", d) for n, b, d in attempts]
-        expected = 10
+        attempts.append(_setup_network_attempt(run, work, settings, servers[2]))
+        expected = 11
         ok = len(attempts) == expected and all(blocked for _, blocked, _ in attempts)
         error = None if len(attempts) == expected else (
             f"the self-test did not run to its end: {result.output.strip()[-500:]}")

@@ -212,10 +212,30 @@ def check_sandbox(settings: Settings) -> Check:
         lines.append(result.error)
     summary = (f"self-test: {sum(b for _, b, _ in result.attempts)}/{len(result.attempts)} "
                "escape attempts blocked")
-    if settings.sandbox.network == "allow":
-        lines.append("CODELOOP_SANDBOX__NETWORK=allow: tests share the host's network (unsafe)")
+    from bot.sandbox.cgroup import placement
+
+    box = settings.sandbox
+    where, why = placement()
+    if where is not None:
+        lines.append(f"memory: {box.total_memory_mb} MB for each sandbox run as a whole "
+                     f"({where.describe()}), {box.memory_mb} MB a process")
+    else:
+        lines.append(f"memory: {box.memory_mb} MB a process only ({why}); a sandbox's "
+                     "processes together are not bounded — run the worker as root, or delegate "
+                     "the cgroup v2 memory and pids controllers to it")
+    unsafe = []
+    if box.network == "allow":
+        unsafe.append("CODELOOP_SANDBOX__NETWORK=allow: tests share the host's network (unsafe)")
+    if box.setup_network == "host":
+        unsafe.append("CODELOOP_SANDBOX__SETUP_NETWORK=host: set-up steps share the host's "
+                      "network, its local services included (unsafe)")
+    else:
+        lines.append(f"set-up network: HTTPS to {len(box.setup_hosts)} hosts "
+                     f"({', '.join(box.setup_hosts[:4])}{', …' if len(box.setup_hosts) > 4 else ''})"
+                     " through codeloop's proxy, nothing else")
+    lines += unsafe
     body = summary + "".join(f"\n        {line}" for line in lines)
-    return Check("sandbox", "ok" if result.ok and settings.sandbox.network != "allow" else
+    return Check("sandbox", "ok" if result.ok and not unsafe else
                  ("warn" if result.ok else "fail"), body)
 
 

@@ -172,6 +172,12 @@ class SandboxSettings(BaseModel):
     )
     timeout_seconds: float = Field(default=300.0, gt=0, description="Test command time limit.")
     memory_mb: int = Field(default=2048, ge=64, description="Address-space limit per process.")
+    total_memory_mb: int = Field(
+        default=4096, ge=64,
+        description="Memory limit of a whole sandbox run (every process together), enforced "
+        "with a control group where codeloop may create one (root with cgroup v1, or a "
+        "delegated cgroup v2 sub-tree; `codeloop doctor` says which).",
+    )
     network: Literal["isolate", "allow"] = Field(
         default="isolate",
         description="isolate: tests run in an empty network namespace (loopback only). allow: "

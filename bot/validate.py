@@ -244,7 +244,9 @@ def run_tests(
     where = "bwrap" if result.isolation == "bwrap" else "NONE (unsafe)"
     shared = settings.network == "allow" or result.isolation == "none"
     network = "host network" if shared else "no network"
-    header = f"[sandbox: {where}, {network}, timeout {timeout:g}s, memory {settings.memory_mb} MB]"
+    memory = (f"memory {settings.memory_mb} MB a process, {settings.total_memory_mb} MB in all"
+              if result.cgroup else f"memory {settings.memory_mb} MB")
+    header = f"[sandbox: {where}, {network}, timeout {timeout:g}s, {memory}]"
     lines = [header]
     body = _tail(result.output)
     if body:

@@ -157,3 +157,28 @@ def test_read_only_paths_under_tmp_stay_visible(tmp_path):
     lines = result.output.splitlines()
     assert lines[0] == "1.2.3" and "read-only" in lines
     assert not (tool / "x").exists()
+
+
+def test_the_processes_of_a_sandbox_share_one_memory_limit(tmp_path):
+    """Four processes of 150 MB each stay under the per-process limit (300 MB); together they
+    pass the sandbox's 400 MB, and the control group stops them — the host's memory is not the
+    sandbox's to take. With room for all four, all four hold their memory."""
+    from bot.sandbox.cgroup import placement
+
+    where, why = placement()
+    if where is None:
+        import pytest
+
+        pytest.skip(f"this host gives codeloop no control group: {why}")
+    work = tmp_path / "w"
+    work.mkdir()
+    hog = ("for i in 1 2 3 4; do python3 -c 'import time; x = bytearray(150 << 20); "
+           "x[::4096] = b\"a\" * len(x[::4096]); time.sleep(2); print(\"held\")' & done; wait")
+    tight = run_sandboxed(hog, work, SandboxSettings(memory_mb=300, total_memory_mb=400,
+                                                     timeout_seconds=60))
+    assert tight.cgroup and tight.memory_exceeded
+    assert tight.output.splitlines().count("held") < 4
+    assert "stopped at its memory limit of 400 MB" in tight.output
+    roomy = run_sandboxed(hog, work, SandboxSettings(memory_mb=300, total_memory_mb=1024,
+                                                     timeout_seconds=60))
+    assert roomy.output.splitlines().count("held") == 4 and not roomy.memory_exceeded, roomy.output

@@ -16,7 +16,8 @@ text anyone may write, on a machine that holds the bot's keys. So it runs under 
   other workspaces, the user's repository, key files, ``/run`` or the host's ``/proc`` exists
   in there;
 - limits on time, address space, processes, file size and open files, inherited by every
-  process the command starts; the PID namespace dies with its first process, so the command
+  process the command starts, and, where the host allows a control group, one memory and
+  process limit for the sandbox as a whole (bot/sandbox/cgroup.py); the PID namespace dies with its first process, so the command
   and every descendant are gone when it ends or times out;
 - an environment built from scratch: no variable of the bot's reaches it;
 - no network (a network namespace with loopback only); set-up steps get HTTPS to the allowed

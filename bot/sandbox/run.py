@@ -31,6 +31,7 @@ from bot.sandbox.command import (
     passwd_files,
     sandbox_env,
 )
+from bot.sandbox import cgroup
 from bot.sandbox.egress import FORWARDER, PROXY_PORT, SOCKET_NAME, EgressProxy, proxy_env
 from bot.sandbox.trees import remove_tree
 from bot.scrub import Scrubber
@@ -52,6 +53,8 @@ class SandboxResult:
     seconds: float
     isolation: str  # "bwrap" or "none"
     output_bytes: int = 0  # everything the command printed, kept or not
+    memory_exceeded: bool = False  # the sandbox's control group hit its memory limit
+    cgroup: bool = False  # the run had a control group of its own (memory and process limits)
     egress_refused: tuple[str, ...] = ()  # set-up network: destinations the proxy refused
 
 
@@ -230,8 +233,25 @@ def _run_as(
         env = sandbox_env(settings, None)
         env["HOME"], env["TMPDIR"] = str(root / "home"), str(root / "tmp")
         cwd = workdir
-    with proxy if proxy is not None else contextlib.nullcontext():
-        result = _supervise(argv, cwd, env, timeout, scrubber, start, bwrap)
+    # One memory and process limit for the whole sandbox, where the host allows a control
+    # group: a shell joins it, then execs bubblewrap (bot/sandbox/cgroup.py).
+    group = cgroup.create(settings.total_memory_mb * 1024 * 1024, NPROC_LIMIT + 16) \
+        if bwrap is not None else None
+    if group is not None:
+        argv = ["/bin/sh", "-c", cgroup.JOIN, "sh", *group.procs, "--", *argv]
+    try:
+        with proxy if proxy is not None else contextlib.nullcontext():
+            result = _supervise(argv, cwd, env, timeout, scrubber, start, bwrap)
+        if group is not None:
+            result = dataclasses.replace(result, cgroup=True,
+                                         memory_exceeded=group.out_of_memory())
+            if result.memory_exceeded:
+                result = dataclasses.replace(result, output=result.output + (
+                    f"\n[sandbox: stopped at its memory limit of {settings.total_memory_mb} MB "
+                    "for all its processes together (sandbox.total_memory_mb)]"))
+    finally:
+        if group is not None:
+            group.remove()
     if proxy is not None and proxy.refused:
         result = dataclasses.replace(result, egress_refused=tuple(proxy.refused))
     return result

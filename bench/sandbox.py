@@ -6,7 +6,10 @@ For three commands (an empty one, a Python start, the sample repository's pytest
 times, in one process and interleaved so machine noise hits all alike:
 - `plain`: `bash -c CMD` as a plain subprocess in the same directory;
 - `none`: `run_sandboxed` with `isolation: none` (codeloop's limits, no namespaces);
-- `bwrap`: `run_sandboxed` with bubblewrap (what every job uses);
+- `bwrap`: `run_sandboxed` with bubblewrap (what every job uses), with its control group
+  where the host gives one;
+- `no-cgroup`: the same without the control group (as on a host that gives none);
+- `egress`: a set-up step's sandbox: bwrap plus the egress proxy and its forwarder;
 - `run_tests`: the whole validation step (private copy of the tree + bwrap + cleanup).
 It prints the median and p90 in milliseconds and the ratio of each to `plain`.
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.demo import make_sample_repo  # noqa: E402
-from bot.sandbox import run_sandboxed  # noqa: E402
+from bot.sandbox import cgroup, run_sandboxed  # noqa: E402
 from bot.settings import SandboxSettings  # noqa: E402
 from bot.validate import run_tests  # noqa: E402
 
@@ -49,6 +52,8 @@ def main() -> int:
                 env={"PATH": f"{venv_bin}:/usr/bin:/bin", "HOME": tmp}),
             "none": lambda cmd: _ok(run_sandboxed(cmd, repo, none)),
             "bwrap": lambda cmd: _ok(run_sandboxed(cmd, repo, bwrap)),
+            "no-cgroup": lambda cmd: _without_cgroup(lambda: _ok(run_sandboxed(cmd, repo, bwrap))),
+            "egress": lambda cmd: _ok(run_sandboxed(cmd, repo, bwrap, egress=True)),
             "run_tests": lambda cmd: _ok(run_tests(repo, cmd, bwrap)),
         }
         times: dict[tuple[str, str], list[float]] = {}
@@ -60,7 +65,9 @@ def main() -> int:
                     start = time.perf_counter()
                     way(cmd)
                     times.setdefault((name, way_name), []).append(time.perf_counter() - start)
-    print(f"sandbox overhead, {args.runs} runs each (ms; ratio to plain at the median)\n")
+    where, why = cgroup.placement()
+    print(f"sandbox overhead, {args.runs} runs each (ms; ratio to plain at the median); "
+          f"control group: {where.describe() if where else 'none (' + why + ')'}\n")
     print(f"{'command':<22} {'way':<10} {'median':>9} {'p90':>9} {'× plain':>8}")
     for name in COMMANDS:
         base = statistics.median(times[(name, "plain")])
@@ -71,6 +78,15 @@ def main() -> int:
             print(f"{name:<22} {way_name:<10} {median * 1000:>9.1f} {p90 * 1000:>9.1f} "
                   f"{median / base:>8.2f}")
     return 0
+
+
+def _without_cgroup(run):
+    saved = cgroup._cached
+    cgroup._cached = (None, "off for this measurement")
+    try:
+        return run()
+    finally:
+        cgroup._cached = saved
 
 
 def _ok(result):

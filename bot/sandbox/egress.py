@@ -122,7 +122,8 @@ class EgressProxy:
 
         self._server = Server(str(self.socket_path), Handler)
         self.socket_path.chmod(0o666)  # the sandbox user connects to it
-        self._thread = threading.Thread(target=self._server.serve_forever,
+        # A short poll: shutdown() waits for the serving loop to look (0.5 s by default).
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,),
                                         name="egress-proxy", daemon=True)
 
     def __enter__(self) -> EgressProxy:

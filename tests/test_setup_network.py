@@ -42,6 +42,10 @@ class Listener:
                 conn.close()
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread: port is free
+        except OSError:
+            pass
         self.sock.close()
 
 

@@ -119,6 +119,7 @@ class EgressProxy:
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True
+            block_on_close = False  # the run is over: never wait for a tunnel to drain
 
         self._server = Server(str(self.socket_path), Handler)
         self.socket_path.chmod(0o666)  # the sandbox user connects to it
@@ -211,21 +212,17 @@ class EgressProxy:
 
 
 def _relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways until either side closes (a TLS tunnel has nothing to say after that)
+    or nothing moves for five minutes."""
     a.settimeout(None)
     b.settimeout(None)
     peers = {a: b, b: a}
-    open_ = {a, b}
-    while open_:
-        readable, _, _ = select.select(list(open_), [], [], 300)
+    while True:
+        readable, _, _ = select.select([a, b], [], [], 300)
         if not readable:
-            return  # idle for five minutes
+            return
         for s in readable:
             data = s.recv(65536)
             if not data:
-                open_.discard(s)
-                try:
-                    peers[s].shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                continue
+                return
             peers[s].sendall(data)

@@ -9,7 +9,7 @@ times, in one process and interleaved so machine noise hits all alike:
 - `bwrap`: `run_sandboxed` with bubblewrap (what every job uses), with its control group
   where the host gives one;
 - `no-cgroup`: the same without the control group (as on a host that gives none);
-- `egress`: a set-up step's sandbox: bwrap plus the egress proxy and its forwarder;
+- `egress`: a set-up step's sandbox (`setup=True`): bwrap plus the egress proxy and its forwarder;
 - `run_tests`: the whole validation step (private copy of the tree + bwrap + cleanup).
 It prints the median and p90 in milliseconds and the ratio of each to `plain`.
 """
@@ -53,7 +53,7 @@ def main() -> int:
             "none": lambda cmd: _ok(run_sandboxed(cmd, repo, none)),
             "bwrap": lambda cmd: _ok(run_sandboxed(cmd, repo, bwrap)),
             "no-cgroup": lambda cmd: _without_cgroup(lambda: _ok(run_sandboxed(cmd, repo, bwrap))),
-            "egress": lambda cmd: _ok(run_sandboxed(cmd, repo, bwrap, egress=True)),
+            "egress": lambda cmd: _ok(run_sandboxed(cmd, repo, bwrap, setup=True)),
             "run_tests": lambda cmd: _ok(run_tests(repo, cmd, bwrap)),
         }
         times: dict[tuple[str, str], list[float]] = {}

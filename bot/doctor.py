@@ -230,9 +230,10 @@ def check_sandbox(settings: Settings) -> Check:
         unsafe.append("CODELOOP_SANDBOX__SETUP_NETWORK=host: set-up steps share the host's "
                       "network, its local services included (unsafe)")
     else:
+        more = ", …" if len(box.setup_hosts) > 4 else ""
         lines.append(f"set-up network: HTTPS to {len(box.setup_hosts)} hosts "
-                     f"({', '.join(box.setup_hosts[:4])}{', …' if len(box.setup_hosts) > 4 else ''})"
-                     " through codeloop's proxy, nothing else")
+                     f"({', '.join(box.setup_hosts[:4])}{more}) through codeloop's proxy, "
+                     "nothing else")
     lines += unsafe
     body = summary + "".join(f"\n        {line}" for line in lines)
     return Check("sandbox", "ok" if result.ok and not unsafe else

@@ -2,8 +2,8 @@
 
 The steps run in the sandbox (bot.sandbox) with HTTPS to the allowed package hosts only
 (bot/sandbox/egress.py), into a virtual environment mounted writable at /env; the tests
-later run with the same environment mounted read-only and no network. An environment lives under CODELOOP_HOME/envs/<key>, where the key hashes
-the interpreter, the steps, the dependency files' contents and anything else in the
+later run with the same environment mounted read-only and no network. An environment lives
+under CODELOOP_HOME/envs/<key>, where the key hashes the interpreter, the steps, the dependency files' contents and anything else in the
 repository a step names (`pip install ./vendor/pkg` keys on that directory's tree), so a
 change to any of them builds a new one and an unchanged repository reuses the old one.
 Old environments are evicted, least recently used first, once the cache passes its size.
@@ -133,9 +133,7 @@ def ensure(settings: Settings, config: RepoConfig, workdir: Path, sha: str,
             # that takes its version from git (setuptools-scm, hatch-vcs) is told it.
             command = (f': "${{SETUPTOOLS_SCM_PRETEND_VERSION:={version}}}"; '
                        f"export SETUPTOOLS_SCM_PRETEND_VERSION\n{step}")
-            result = run_sandboxed(command, copy, settings.sandbox, secrets=secrets,
-                                   network=settings.sandbox.setup_network == "host",
-                                   egress=settings.sandbox.setup_network == "allowlist",
+            result = run_sandboxed(command, copy, settings.sandbox, secrets=secrets, setup=True,
                                    env_dir=building, env_writable=True,
                                    timeout=settings.sandbox.setup_timeout_seconds)
             if not result.ok:

@@ -89,7 +89,7 @@ def test_a_set_up_step_reaches_no_service_of_this_host(tmp_path):
         "echo done",
     ])
     try:
-        result = run_sandboxed(command, work, settings, egress=True, timeout=120)
+        result = run_sandboxed(command, work, settings, setup=True, timeout=120)
     finally:
         service.close()
     assert "done" in result.output, result.output
@@ -121,7 +121,7 @@ def test_a_set_up_step_reaches_a_listed_host_through_the_proxy(tmp_path):
     work.mkdir()
     settings = SandboxSettings(timeout_seconds=60, setup_hosts=[address])
     try:
-        result = run_sandboxed(tunnel(f"{address}:80"), work, settings, egress=True,
+        result = run_sandboxed(tunnel(f"{address}:80"), work, settings, setup=True,
                                timeout=120)
     finally:
         mirror.close()

@@ -17,8 +17,9 @@ text anyone may write, on a machine that holds the bot's keys. So it runs under 
   in there;
 - limits on time, address space, processes, file size and open files, inherited by every
   process the command starts, and, where the host allows a control group, one memory and
-  process limit for the sandbox as a whole (bot/sandbox/cgroup.py); the PID namespace dies with its first process, so the command
-  and every descendant are gone when it ends or times out;
+  process limit for the sandbox as a whole (bot/sandbox/cgroup.py); the PID namespace dies
+  with its first process, so the command and every descendant are gone when it ends or
+  times out;
 - an environment built from scratch: no variable of the bot's reaches it;
 - no network (a network namespace with loopback only); set-up steps get HTTPS to the allowed
   package hosts through a proxy outside (bot/sandbox/egress.py) and nothing else.

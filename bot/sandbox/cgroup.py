@@ -24,7 +24,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 # Joins every cgroup.procs file given before `--`, then execs the rest (bubblewrap).
 JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
-JOIN_FAILED = 125
 
 
 def _own_paths() -> dict[str, str]:
@@ -145,10 +144,11 @@ def create(memory_bytes: int, pids: int) -> Group | None:
             path.mkdir()
             group.dirs[controller] = path
         if found.version == 2:
-            (group.dirs[""] / "memory.max").write_text(str(memory_bytes))
-            (group.dirs[""] / "memory.swap.max").write_text("0") \
-                if (group.dirs[""] / "memory.swap.max").exists() else None
-            (group.dirs[""] / "pids.max").write_text(str(pids))
+            unified = group.dirs[""]
+            (unified / "memory.max").write_text(str(memory_bytes))
+            if (unified / "memory.swap.max").exists():
+                (unified / "memory.swap.max").write_text("0")
+            (unified / "pids.max").write_text(str(pids))
         else:
             memory = group.dirs["memory"]
             (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))

@@ -109,7 +109,6 @@ class EgressProxy:
         self.socket_path = Path(socket_path)
         self.allowed = tuple(allowed_hosts)
         self.refused: list[str] = []  # "host:port (why)", in order, without repeats
-        self.connected: list[str] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -140,13 +139,10 @@ class EgressProxy:
         except OSError:
             pass
 
-    def _note(self, target: list[str], text: str) -> None:
-        with self._lock:
-            if text not in target:
-                target.append(text)
-
     def _refuse(self, conn: socket.socket, dest: str, why: str, status: str) -> None:
-        self._note(self.refused, f"{dest} ({why})")
+        with self._lock:
+            if f"{dest} ({why})" not in self.refused:
+                self.refused.append(f"{dest} ({why})")
         log.info("set-up network: refused %s: %s", dest, why)
         body = f"codeloop sandbox: {dest} refused: {why}\n".encode()
         try:
@@ -198,7 +194,6 @@ class EgressProxy:
             upstream = socket.create_connection((addresses[0], port), timeout=_CONNECT_TIMEOUT)
         except OSError as exc:
             return self._refuse(conn, dest, f"could not connect: {exc}", "502 Bad Gateway")
-        self._note(self.connected, dest)
         rest = head.split(b"\r\n\r\n", 1)[1]
         try:
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")

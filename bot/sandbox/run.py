@@ -216,8 +216,7 @@ def _run_as(
     # Set-up steps: no network of their own, HTTPS to the allowed hosts through a proxy
     # (bot/sandbox/egress.py).
     proxied = egress and bwrap is not None
-    proxy = EgressProxy(root / "tmp" / SOCKET_NAME, settings.setup_hosts) if proxied else None
-    if proxy is not None:
+    if proxied:
         program = [sys.executable, "-I", "-S", "-c", FORWARDER, f"/tmp/{SOCKET_NAME}",
                    str(PROXY_PORT), *program]
     tail = [sys.executable, "-I", "-S", "-c", TRAMPOLINE, *limits, *program]
@@ -225,7 +224,7 @@ def _run_as(
         argv = bwrap_argv(bwrap, root, workdir, uid, settings, network=network,
                            env_dir=env_dir, env_writable=env_writable, as_root=as_root) + tail
         env = sandbox_env(settings, env_dir)
-        if proxy is not None:
+        if proxied:
             env.update(proxy_env())
         cwd = root
     else:
@@ -239,6 +238,7 @@ def _run_as(
         if bwrap is not None else None
     if group is not None:
         argv = ["/bin/sh", "-c", cgroup.JOIN, "sh", *group.procs, "--", *argv]
+    proxy = EgressProxy(root / "tmp" / SOCKET_NAME, settings.setup_hosts) if proxied else None
     try:
         with proxy if proxy is not None else contextlib.nullcontext():
             result = _supervise(argv, cwd, env, timeout, scrubber, start, bwrap)
@@ -287,22 +287,25 @@ def _supervise(argv: list[str], cwd: Path, env: dict[str, str], timeout: float,
 
 def run_sandboxed(
     command: str, workdir: Path, settings: SandboxSettings, *, secrets: Sequence[str] = (),
-    network: bool = False, egress: bool = False, env_dir: Path | None = None,
+    network: bool = False, setup: bool = False, env_dir: Path | None = None,
     env_writable: bool = False, timeout: float | None = None,
 ) -> SandboxResult:
     """Run ``bash -c command`` in the sandbox with ``workdir`` as its writable /workspace.
 
     ``workdir`` must be a private copy: the command may change anything in it. ``env_dir``
     (a repository's own environment) is mounted at /env, writable only with ``env_writable``
-    (set-up steps), and /env/bin comes first on PATH. ``egress`` (set-up steps) gives HTTPS to
-    `settings.setup_hosts` through the egress proxy (bot/sandbox/egress.py) and nothing else;
-    ``network`` shares the host's network (the unsafe opt-ins only).
+    (set-up steps), and /env/bin comes first on PATH. ``setup`` marks a set-up step: it gets
+    the network `settings.setup_network` names — HTTPS to `settings.setup_hosts` through the
+    egress proxy (bot/sandbox/egress.py) and nothing else, or the host's. ``network`` shares
+    the host's network (the unsafe `sandbox.network: allow` for tests).
 
     Raises SandboxUnavailable when the sandbox does not work here and isolation is not
     explicitly "none".
     """
     workdir = Path(workdir).resolve()
     timeout = settings.timeout_seconds if timeout is None else timeout
+    egress = setup and settings.setup_network == "allowlist"
+    network = network or (setup and settings.setup_network == "host")
     secrets = [s for s in secrets if s]
     scrubber = Scrubber(secrets)
     for value in sandbox_env(settings, env_dir).values():

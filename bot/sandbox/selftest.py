@@ -130,16 +130,23 @@ def _setup_network_attempt(run, work: Path, settings: SandboxSettings,
     (work / "setup_probe.py").write_text(_SETUP_PROBE)
     command = f"python setup_probe.py {port}"
     if run is run_sandboxed:
-        result = run_sandboxed(command, work, settings, timeout=60,
-                               egress=settings.setup_network == "allowlist",
-                               network=settings.setup_network == "host")
+        result = run_sandboxed(command, work, settings, timeout=60, setup=True)
     else:
         result = run(command, work, settings, timeout=60)
-    for line in result.output.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 3 and parts[1] == name:
-            return name, parts[0] == "BLOCKED", parts[2]
+    for attempt in _attempts(result.output):
+        if attempt[0] == name:
+            return attempt
     return name, False, f"the probe did not report: {result.output.strip()[-200:]}"
+
+
+def _attempts(output: str) -> list[tuple[str, bool, str]]:
+    """(name, blocked, detail) of each BLOCKED/ESCAPED line a probe printed."""
+    found = []
+    for line in output.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] in ("BLOCKED", "ESCAPED"):
+            found.append((parts[1], parts[0] == "BLOCKED", parts[2]))
+    return found
 
 
 @dataclass
@@ -201,11 +208,7 @@ def self_test(settings: SandboxSettings, run=None) -> SelfTest:
                 str(servers[2].getsockname()[1]), marker, str(outside)]
         command = "python selftest.py " + " ".join(f"'{a}'" for a in args)
         result = run(command, work, settings, timeout=60)
-        attempts: list[tuple[str, bool, str]] = []
-        for line in result.output.splitlines():
-            parts = line.split("\t")
-            if len(parts) == 3 and parts[0] in ("BLOCKED", "ESCAPED"):
-                attempts.append((parts[1], parts[0] == "BLOCKED", parts[2]))
+        attempts = _attempts(result.output)
         time.sleep(0.2)
         alive = _marker_alive(marker)
         attempts.append(("leave a process behind", not alive,
